@@ -1,0 +1,62 @@
+"""What every detector provides: geometry, synthetic reference showers, file I/O, scores.
+
+The search, trainer, promotion and generation code only talk to this interface, so a new
+detector is one new file plus one registry line.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from calotune.showers import ShowerSet
+
+
+class Detector(ABC):
+    """A calorimeter: its cell layout, a synthetic shower source, its file layout, metrics."""
+
+    #: registry name, e.g. "zdc"; also the MLflow registered-model name.
+    name: str
+    #: condition names in ShowerSet.conditions, "energy" first.
+    conditions: tuple[str, ...]
+    #: part names in ShowerSet.cells, with their widths in :attr:`part_sizes`.
+    parts: tuple[str, ...]
+
+    @property
+    @abstractmethod
+    def part_sizes(self) -> dict[str, int]:
+        """part -> number of cells."""
+
+    @abstractmethod
+    def geometry_dict(self) -> dict[str, Any]:
+        """JSON-safe geometry, enough to rebuild this detector with :meth:`from_geometry`."""
+
+    @classmethod
+    @abstractmethod
+    def from_geometry(cls, geometry: dict[str, Any]) -> Detector:
+        """Inverse of :meth:`geometry_dict`."""
+
+    @abstractmethod
+    def synthesize(self, n_events: int, seed: int, **options: Any) -> ShowerSet:
+        """Synthetic reference showers (parametrised, physics.md section 7)."""
+
+    @abstractmethod
+    def read(self, path: Path) -> ShowerSet:
+        """Read and validate an HDF5 file; raise UserError naming file and key."""
+
+    @abstractmethod
+    def write(self, path: Path, showers: ShowerSet) -> None:
+        """Write an HDF5 file in this detector's documented layout."""
+
+    @abstractmethod
+    def objectives(self) -> dict[str, str]:
+        """Score names :meth:`scores` returns -> optimisation mode ("min" or "max")."""
+
+    @abstractmethod
+    def scores(self, reference: ShowerSet, generated: ShowerSet) -> dict[str, float]:
+        """Physics scores of ``generated`` against ``reference`` (keys of objectives())."""
+
+    @abstractmethod
+    def plot(self, reference: ShowerSet, generated: ShowerSet, out_dir: Path) -> list[Path]:
+        """Reference-vs-generated distribution plots as PNG files in ``out_dir``."""

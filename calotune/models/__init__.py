@@ -1,0 +1,1 @@
+"""Model families; see :mod:`calotune.models.registry`."""
