@@ -1,0 +1,196 @@
+"""MLflow behind a small interface: a parent run per search, nested runs per trial, registry.
+
+It knows nothing of Ray or of any model: callers hand it names, dicts and directories.
+Runs are found again by tags (``calotune.search``, ``calotune.trial_id``) rather than by
+timestamps, so a resumed search re-attaches to the runs it started instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from calotune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TAG_SEARCH = "calotune.search"
+TAG_TRIAL = "calotune.trial_id"
+TAG_STATE = "calotune.state"
+TAG_KIND = "calotune.kind"
+PARENT_TAG = "mlflow.parentRunId"
+_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def default_tracking_uri(root: Path) -> str:
+    """SQLite in the project-local ``.calotune`` folder (MLflow's file store is deprecated)."""
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast, before anything is written, if the tracking store cannot be reached."""
+    scheme = urlparse(uri).scheme
+    if scheme in {"http", "https"}:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+        except (OSError, urllib.error.URLError) as exc:
+            raise UserError(
+                f"--tracking-uri {uri}: the MLflow server is unreachable ({exc}); start it "
+                f"(see jobs/mlflow-server) or omit --tracking-uri to use the local SQLite store"
+            ) from None
+    elif scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir():
+            raise UserError(
+                f"--tracking-uri {uri}: folder {db.parent} does not exist; create it or pick another"
+            )
+    elif scheme not in {"postgresql", "mysql", "databricks", "file", ""}:
+        raise UserError(f"--tracking-uri {uri}: unsupported scheme {scheme!r}")
+
+
+class Tracker:
+    """One search's view of an MLflow tracking store."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+        self.uri = uri
+        self.client = _client(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if artifact_root is not None and urlparse(uri).scheme == "sqlite":
+                location = (artifact_root / experiment).resolve().as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        self.parent_run_id: str | None = None
+        self._trial_runs: dict[str, str] = {}
+
+    # --- search (parent) run -------------------------------------------------------
+    def start_search(self, search: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """Create the parent run, or re-open it when a search with this name exists."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_KIND}` = 'search'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            for run in self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'",
+                max_results=10_000,
+            ):
+                trial_id = run.data.tags.get(TAG_TRIAL)
+                if trial_id:
+                    self._trial_runs[trial_id] = run.info.run_id
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=search,
+                tags={TAG_SEARCH: search, TAG_KIND: "search", "mlflow.user": getpass.getuser(),
+                      **tags},
+            )
+            run_id = run.info.run_id
+            self.log_params(run_id, params)
+        self.parent_run_id = run_id
+        return run_id
+
+    def end_search(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
+        if self.parent_run_id is None:
+            return
+        if metrics:
+            self.log_metrics(self.parent_run_id, metrics)
+        self.client.set_terminated(self.parent_run_id, status=status)
+
+    # --- trials -------------------------------------------------------------------
+    def trial_run(self, trial_id: str, params: dict[str, Any]) -> str:
+        """The nested run of a trial, created on first sight, found again on resume."""
+        if trial_id in self._trial_runs:
+            return self._trial_runs[trial_id]
+        assert self.parent_run_id is not None, "start_search first"
+        run = self.client.create_run(
+            self.experiment_id, run_name=trial_id,
+            tags={PARENT_TAG: self.parent_run_id, TAG_TRIAL: trial_id, TAG_KIND: "trial",
+                  TAG_STATE: "running"},
+        )
+        self._trial_runs[trial_id] = run.info.run_id
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def trial_runs(self) -> dict[str, str]:
+        """trial id -> run id, for every trial of this search seen so far."""
+        return dict(self._trial_runs)
+
+    def end_trial(self, trial_id: str, state: str, reason: str | None = None) -> None:
+        """Record the final state (complete / pruned / failed / interrupted) of a trial."""
+        run_id = self._trial_runs.get(trial_id)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, TAG_STATE, state)
+        if reason:
+            self.client.set_tag(run_id, "calotune.failure_reason", reason[:4900])
+        self.client.set_terminated(run_id, status=_STATUS[state])
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        items = [Param(k, str(v)) for k, v in sorted(params.items()) if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
+                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    # --- registry -----------------------------------------------------------------
+    def register(self, run_id: str, artifact_path: str, name: str, alias: str,
+                 tags: dict[str, Any]) -> str:
+        """A new version of registered model ``name`` from a run's artifacts, with an alias."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+        )
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return str(version.version)
+
+
+def user() -> str:
+    """Who did it, for provenance tags."""
+    return os.environ.get("USER") or getpass.getuser()

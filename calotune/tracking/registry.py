@@ -1,0 +1,78 @@
+"""Registered models: resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, fetch them.
+
+Registry stages are deprecated in MLflow 3; calotune uses aliases only: ``candidate`` for a
+search's best model, ``production`` for the promoted one.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from calotune.errors import UserError
+from calotune.tracking.mlflow_tracker import _client
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    source: str
+    tags: dict[str, str]
+    aliases: tuple[str, ...]
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of a models:/ URI; UserError with the accepted forms."""
+    match = _URI.match(uri)
+    if not match:
+        raise UserError(
+            f"model URI {uri!r} is not understood; use models:/NAME@ALIAS (e.g. "
+            f"models:/zdc@production) or models:/NAME/VERSION"
+        )
+    return match["name"], match["alias"], match["version"]
+
+
+def resolve(tracking_uri: str, name: str, alias: str | None = None, version: str | None = None,
+            required: bool = True) -> ModelRef | None:
+    """Look up a model version by alias or number; UserError naming what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise UserError(
+            f"no registered model {name!r} in {tracking_uri}; registered models: "
+            f"{', '.join(known) or 'none (run a search first)'}"
+        ) from None
+    try:
+        mv = (client.get_model_version_by_alias(name, alias) if alias
+              else client.get_model_version(name, str(version)))
+    except MlflowException:
+        if not required:
+            return None
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        aliases = client.get_registered_model(name).aliases
+        raise UserError(
+            f"registered model {name!r} has no {what}; its aliases: "
+            f"{', '.join(f'{a}->v{v}' for a, v in sorted(aliases.items())) or 'none'}"
+        ) from None
+    return ModelRef(name=name, version=str(mv.version), source=mv.source,
+                    tags=dict(mv.tags), aliases=tuple(mv.aliases))
+
+
+def download(tracking_uri: str, ref: ModelRef, dst: Path | None = None) -> Path:
+    """Fetch a model version's files into a local folder."""
+    import mlflow.artifacts
+
+    dst = dst or Path(tempfile.mkdtemp(prefix=f"calotune-{ref.name}-v{ref.version}-"))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=ref.source, dst_path=str(dst), tracking_uri=tracking_uri
+    )
+    return Path(local)

@@ -1,0 +1,266 @@
+"""Ray Tune glue: the trial driver, the searcher, the scheduler and the MLflow callback.
+
+Per-trial overhead is a design decision. A ``TorchTrainer`` per trial costs ~25 s of
+start-up on a 2-core machine, so a one-worker trial runs the worker function in the Tune
+trial's own (re-used) actor and reports through ``ray.tune.report``. A trial with
+``workers_per_trial > 1`` builds a ``TorchTrainer`` whose workers run the very same
+function under DDP (gloo on CPU, NCCL on GPU), reporting through Ray Train and
+``TuneReportCallback``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.tune import Callback
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from calotune.data.splits import Splits
+from calotune.tracking.mlflow_tracker import Tracker
+from calotune.tuning.worker import TrialContext, train
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"
+
+
+# --- the trial driver ------------------------------------------------------------------
+def _reporter_tune(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def _reporter_train(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def ddp_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function: the shared training loop under a worker group."""
+    import ray.train.torch
+
+    data: Splits = ray.get(config["data_ref"][0])
+    torch.set_num_threads(max(1, int(config["threads"])))
+    resume = Path(config["resume"]) if config.get("resume") else None
+    train(TrialContext(**config["ctx"]), config["params"], data, _reporter_train,
+          device=ray.train.torch.get_device(), resume_dir=resume)
+
+
+def trial_driver(config: dict[str, Any], data_ref: list, ctx: dict[str, Any],
+                 resources: dict[str, Any], storage_path: str) -> None:
+    """The Tune function trainable: one trial, in-process or as a DDP worker group."""
+    params = dict(config)
+    checkpoint = tune.get_checkpoint()
+    workers = int(resources["workers_per_trial"])
+    threads = max(1, math.floor(resources["cpus_per_trial"]))
+    if workers == 1:
+        torch.set_num_threads(threads)
+        data: Splits = ray.get(data_ref[0])
+        context = TrialContext(**ctx)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as resume:
+                train(context, params, data, _reporter_tune, device=_device(), resume_dir=Path(resume))
+        else:
+            train(context, params, data, _reporter_tune, device=_device())
+        return
+
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resume = None
+    if checkpoint is not None:
+        resume = checkpoint.path
+    use_gpu = resources["gpus_per_trial"] > 0
+    per_worker = {"CPU": resources["cpus_per_trial"]}
+    if use_gpu:
+        per_worker["GPU"] = resources["gpus_per_trial"]
+    trainer = TorchTrainer(
+        ddp_worker,
+        train_loop_config={"params": params, "ctx": ctx, "data_ref": data_ref, "threads": threads,
+                           "resume": resume},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=TrainRunConfig(
+            name=f"{tune.get_context().get_trial_id()}-ddp", storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# --- searcher and scheduler ----------------------------------------------------------
+class FailAwareOptunaSearch(OptunaSearch):
+    """Tell Optuna FAIL for an errored trial, even if it reported results before failing.
+
+    Ray's OptunaSearch marks a trial COMPLETE whenever its last result holds the metric,
+    so a trial whose loss went NaN at epoch 5 would be scored with its epoch-4 value.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, None if error else result, error)
+
+
+class BaselineKeepingASHA(AsyncHyperBandScheduler):
+    """ASHA that never stops the baseline (default-configuration) trial.
+
+    The baseline's held-out score is what the best trial is compared against, so it must
+    train for the full budget like the best one did.
+    """
+
+    def __init__(self, baseline: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._baseline = baseline
+
+    def on_trial_result(self, tune_controller, trial, result):  # type: ignore[override]
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if is_baseline(trial.config, self._baseline):
+            return TrialScheduler.CONTINUE
+        return decision
+
+
+def is_baseline(config: dict[str, Any], baseline: dict[str, Any]) -> bool:
+    """Whether a trial's sampled configuration is the default configuration."""
+    return dict(config) == baseline
+
+
+# --- MLflow callback -----------------------------------------------------------------
+class MlflowTrialCallback(Callback):
+    """Mirror every trial into a nested MLflow run under the search's parent run.
+
+    Runs in the driver only, so a SQLite store never sees concurrent writers. Picklable
+    (Tune stores its callbacks with the experiment) by re-opening the tracker lazily.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, search: str, artifact_root: str,
+                 max_epochs: int) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.search = search
+        self.artifact_root = artifact_root
+        self.max_epochs = max_epochs
+        self._tracker: Tracker | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tracker"] = None
+        return state
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            tracker = Tracker(self.tracking_uri, self.experiment, Path(self.artifact_root))
+            tracker.start_search(self.search, {}, {})
+            self._tracker = tracker
+        return self._tracker
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.tracker.trial_run(trial.trial_id, trial.config)
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self.tracker.trial_run(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.tracker.trial_run(trial.trial_id, trial.config)
+        step = int(result.get("training_iteration", 0))
+        self.tracker.log_metrics(run_id, result, step=step)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.tracker.trial_run(trial.trial_id, trial.config)
+        epochs = int((trial.last_result or {}).get("training_iteration", 0))
+        self.tracker.end_trial(trial.trial_id, "complete" if epochs >= self.max_epochs else "pruned")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.tracker.trial_run(trial.trial_id, trial.config)
+        self.tracker.end_trial(trial.trial_id, "failed", reason=error_text(trial))
+
+
+def error_text(trial) -> str:
+    """The last line(s) of a failed trial's error, for humans and MLflow tags."""
+    path = trial.error_file
+    if path and os.path.isfile(path):
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        return "\n".join(lines[-3:])
+    return str(trial.get_error() or "unknown error")
+
+
+# --- assembling a Tuner --------------------------------------------------------------
+def make_tuner(
+    *,
+    spec,
+    ctx: TrialContext,
+    data_ref: Any,
+    baseline: dict[str, Any],
+    storage_path: Path,
+    run_name: str,
+    seed: int,
+    trials: int,
+    callback: MlflowTrialCallback,
+    max_concurrent: int,
+    resources: dict[str, Any],
+    restore: bool,
+    max_failures: int = 0,
+) -> tune.Tuner:
+    """A Tuner over ``spec`` (or a restored one when ``restore``)."""
+    import optuna
+
+    trainable = tune.with_parameters(
+        trial_driver, data_ref=[data_ref], ctx=asdict(ctx), resources=resources,
+        storage_path=str(storage_path),
+    )
+    if resources["workers_per_trial"] == 1:
+        trial_resources = {"cpu": resources["cpus_per_trial"], "gpu": resources["gpus_per_trial"]}
+    else:  # the DDP worker group requests its own resources; the driver is idle bookkeeping
+        trial_resources = {"cpu": 0}
+    trainable = tune.with_resources(trainable, trial_resources)
+    if restore:
+        return tune.Tuner.restore(str(storage_path / run_name), trainable,
+                                  resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    metrics = [o.metric for o in spec.objectives]
+    modes = [o.mode for o in spec.objectives]
+    multi = len(metrics) > 1
+    sampler = (optuna.samplers.NSGAIISampler(seed=seed) if multi
+               else optuna.samplers.TPESampler(seed=seed))
+    searcher = FailAwareOptunaSearch(
+        space=spec.suggest, metric=metrics if multi else metrics[0],
+        mode=modes if multi else modes[0], points_to_evaluate=[baseline], sampler=sampler,
+    )
+    scheduler: TrialScheduler
+    if spec.scheduler["type"] == "asha" and not multi:
+        scheduler = BaselineKeepingASHA(
+            baseline, time_attr="training_iteration", metric=metrics[0], mode=modes[0],
+            max_t=ctx.max_epochs, grace_period=min(spec.scheduler["grace_period"], ctx.max_epochs),
+            reduction_factor=spec.scheduler["reduction_factor"],
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=trials,
+            max_concurrent_trials=max_concurrent, reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=str(storage_path), callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            verbose=1,
+        ),
+    )

@@ -1,0 +1,208 @@
+"""The per-worker training loop: one function for 1 CPU, 1 GPU or N DDP workers.
+
+It knows no model family and no detector: it builds both from the trial context, feeds
+batches to ``model.train_step``, and once per epoch generates the validation sample, asks
+the detector for its physics scores and hands them to a :class:`Reporter`. The reporter
+is the only thing that differs between running in-process in a Tune trial (the fast path)
+and inside a Ray Train ``TorchTrainer`` worker group (DDP).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from calotune.artifacts import save_model
+from calotune.data.splits import Splits
+from calotune.detectors import get_detector
+from calotune.models.base import Batch, GenerativeModel
+from calotune.models.registry import build_model
+from calotune.sampling import generate
+from calotune.showers import ShowerSet
+from calotune.spec import TRAINER_PARAMS
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.pt"
+BEST_DIR = "best"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or Inf: the trial is failed, never scored with a sentinel."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a worker needs besides the sampled parameters; JSON-safe."""
+
+    family: str
+    detector: str
+    geometry: dict[str, Any]
+    objectives: tuple[tuple[str, str], ...]  # (metric, mode)
+    max_epochs: int
+    seed: int = 0
+    fixed: dict[str, Any] = field(default_factory=dict)
+    validation_batch: int = 1000
+    grad_clip: float = 10.0
+
+
+# report(metrics, checkpoint_dir or None): forwards one epoch's result to Tune / Train.
+Reporter = Callable[[dict[str, Any], Path | None], None]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_step_fn(model: GenerativeModel, world_size: int, grad_clip: float):
+    """zero_grad, backward, average gradients over ranks, clip, step.
+
+    Gradients are all-reduced by hand rather than through DDP's wrapper because GAN-style
+    families alternate several optimisers over sub-modules inside ``train_step``; averaging
+    the gradients of exactly the parameters an optimiser owns works for any schedule.
+    """
+
+    def step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} (non-finite)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if world_size > 1:
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= world_size
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+
+    return step
+
+
+def _to_tensors(showers: ShowerSet, device: torch.device) -> tuple[dict, dict]:
+    cond = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in showers.conditions.items()}
+    cells = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in showers.cells.items()}
+    return cond, cells
+
+
+def objective_value(metrics: dict[str, float], metric: str) -> float:
+    """Look up an objective in an epoch's metrics; NaN scores fail the trial."""
+    value = float(metrics[metric])
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"objective {metric} is {value}")
+    return value
+
+
+def train(
+    ctx: TrialContext,
+    params: dict[str, Any],
+    data: Splits,
+    reporter: Reporter,
+    *,
+    device: torch.device,
+    resume_dir: Path | None = None,
+) -> None:
+    """Train one trial for ``ctx.max_epochs`` epochs, reporting after each."""
+    rank, world_size = _world()
+    torch.manual_seed(ctx.seed)
+    np_rng = np.random.default_rng(ctx.seed + 1000 * rank)
+    detector = get_detector(ctx.detector, **ctx.geometry)
+    model_params = {**{k: v for k, v in ctx.fixed.items() if k not in TRAINER_PARAMS},
+                    **{k: v for k, v in params.items() if k not in TRAINER_PARAMS}}
+    batch_size = int(params.get("batch_size", ctx.fixed.get("batch_size", 128)))
+    model = build_model(ctx.family, model_params, detector).to(device)
+    if world_size > 1:  # identical start on every rank
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    optimizers = model.make_optimizers()
+    step = make_step_fn(model, world_size, ctx.grad_clip)
+    metric, mode = ctx.objectives[0]
+    sign = 1.0 if mode == "min" else -1.0
+
+    start_epoch, best = 0, math.inf
+    if resume_dir is not None and (resume_dir / TRAIN_STATE).is_file():
+        state = torch.load(resume_dir / TRAIN_STATE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        start_epoch, best = int(state["epoch"]), float(state["best"])
+        log.info("resuming at epoch %d (best %s=%.5g)", start_epoch, metric, sign * best)
+
+    shard = np.arange(len(data.train))[rank::world_size]
+    cond, cells = _to_tensors(data.train.subset(shard), device)
+    n = len(shard)
+    # The best model so far lives here between epochs and is copied into every checkpoint,
+    # so the latest checkpoint always carries both the resumable state and the best model.
+    with tempfile.TemporaryDirectory(prefix="calotune-best-") as keep:
+        best_dir = Path(keep) / BEST_DIR
+        if resume_dir is not None and (resume_dir / BEST_DIR).is_dir():
+            shutil.copytree(resume_dir / BEST_DIR, best_dir)
+        for epoch in range(start_epoch, ctx.max_epochs):
+            sums, n_batches, train_s = _train_epoch(model, optimizers, step, cond, cells,
+                                                    np_rng.permutation(n), batch_size)
+            metrics: dict[str, Any] = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+            metrics["epoch_time_s"] = train_s
+            with tempfile.TemporaryDirectory(prefix="calotune-ckpt-") as tmp:
+                checkpoint_dir: Path | None = None
+                if rank == 0:
+                    generated, ms_per_shower = generate(
+                        model, data.validation.conditions, batch_size=ctx.validation_batch,
+                        seed=ctx.seed + epoch, device=device,
+                    )
+                    metrics.update(detector.scores(data.validation, generated))
+                    metrics["gen_time_ms"] = ms_per_shower
+                    value = objective_value(metrics, metric)
+                    if sign * value < best:
+                        best = sign * value
+                        shutil.rmtree(best_dir, ignore_errors=True)
+                        save_model(best_dir, model, family=ctx.family, detector=detector,
+                                   params=model_params,
+                                   info={"epoch": epoch + 1, "metrics": _floats(metrics)})
+                    metrics[f"{metric}_epoch"] = value
+                    metrics[metric] = sign * best  # the trial's best so far: what ASHA and TPE see
+                    checkpoint_dir = Path(tmp)
+                    torch.save({"model": model.state_dict(),
+                                "optimizers": [o.state_dict() for o in optimizers],
+                                "epoch": epoch + 1, "best": best}, checkpoint_dir / TRAIN_STATE)
+                    shutil.copytree(best_dir, checkpoint_dir / BEST_DIR)
+                reporter(metrics, checkpoint_dir)
+            log.info("epoch %d/%d %s=%.5g (%.1fs)", epoch + 1, ctx.max_epochs, metric,
+                     metrics.get(metric, float("nan")), train_s)
+
+
+def _train_epoch(model, optimizers, step, cond, cells, order: np.ndarray, batch_size: int):
+    """One pass over the (shard of the) training data; loss sums, batch count, seconds."""
+    model.train()
+    t0 = time.perf_counter()
+    n = len(order)
+    order_t = torch.as_tensor(order, device=next(iter(cond.values())).device)
+    sums: dict[str, float] = {}
+    n_batches = 0
+    for i in range(0, max(n - batch_size, 0) + 1, batch_size):
+        idx = order_t[i : i + batch_size]
+        batch: Batch = {"conditions": {k: v[idx] for k, v in cond.items()},
+                        "cells": {k: v[idx] for k, v in cells.items()}}
+        losses = model.train_step(batch, optimizers, step)
+        for k, v in losses.items():
+            if not math.isfinite(v):
+                raise NonFiniteLossError(f"{k} became {v}")
+            sums[k] = sums.get(k, 0.0) + v
+        n_batches += 1
+    return sums, n_batches, time.perf_counter() - t0
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
