@@ -71,7 +71,6 @@ def _positive(name: str, value: float | None) -> None:
 
 def prepare(args: argparse.Namespace):
     """Validate every input; returns (spec, detector, data path, tracking uri, storage)."""
-    from calotune.data.cache import cached_synthetic
     from calotune.detectors import get_detector
     from calotune.spec import load_spec
     from calotune.tracking.mlflow_tracker import check_tracking_uri, default_tracking_uri
@@ -102,6 +101,8 @@ def prepare(args: argparse.Namespace):
         detector.read(args.data)  # validates keys, shapes, dtypes and values before any write
         data_path = args.data.resolve()
     else:
+        from calotune.data.cache import cached_synthetic
+
         home.mkdir(parents=True, exist_ok=True)
         options = {k: spec.data[k] for k in ("particle", "mode") if k in spec.data}
         data_path = cached_synthetic(detector, args.events or spec.data.get("events", 6000),
@@ -122,6 +123,9 @@ def _init_ray(address: str | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # calotune checkpoints every epoch on purpose (resume loses nothing); Tune's warning
+    # about frequent experiment snapshots is expected, not actionable.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
@@ -250,7 +254,7 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args
     ok = [o for o in outcomes if o.error is None and o.checkpoint is not None
           and math.isfinite(float(o.metrics.get(metric, math.nan)))]
     failed = [o for o in outcomes if o.error is not None]
-    runs = tracker.trial_runs()
+    runs = tracker.refresh()
     if not ok:
         reasons = "; ".join(f"{o.trial_id}: {o.error}" for o in failed[:5]) or "no trial reported"
         tracker.end_search("FAILED")

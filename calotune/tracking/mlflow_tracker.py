@@ -94,13 +94,8 @@ class Tracker:
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
-            for run in self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'",
-                max_results=10_000,
-            ):
-                trial_id = run.data.tags.get(TAG_TRIAL)
-                if trial_id:
-                    self._trial_runs[trial_id] = run.info.run_id
+            self.parent_run_id = run_id
+            self.refresh()
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=search,
@@ -111,6 +106,17 @@ class Tracker:
             self.log_params(run_id, params)
         self.parent_run_id = run_id
         return run_id
+
+    def refresh(self) -> dict[str, str]:
+        """Re-read the trial runs of this search (another process may have created them)."""
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            max_results=10_000,
+        ):
+            trial_id = run.data.tags.get(TAG_TRIAL)
+            if trial_id:
+                self._trial_runs[trial_id] = run.info.run_id
+        return dict(self._trial_runs)
 
     def end_search(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         if self.parent_run_id is None:

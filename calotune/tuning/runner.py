@@ -191,6 +191,36 @@ class MlflowTrialCallback(Callback):
         self.tracker.end_trial(trial.trial_id, "failed", reason=error_text(trial))
 
 
+class ProgressCallback(Callback):
+    """One log line per epoch result and per finished trial: a progress view that stays
+    readable in a terminal, a Slurm log or a CI transcript (Tune's tables are off)."""
+
+    def __init__(self, metric: str, mode: str, trials: int, max_epochs: int) -> None:
+        self.metric, self.mode, self.trials, self.max_epochs = metric, mode, trials, max_epochs
+        self.best: float | None = None
+        self.done = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+                self.best = value
+        log.info("[%d/%d done] %s epoch %s/%d %s=%.4f (search best %.4f)", self.done, self.trials,
+                 trial.trial_id, result.get("training_iteration"), self.max_epochs, self.metric,
+                 value if value is not None else math.nan, self.best if self.best is not None else math.nan)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        state = "complete" if epochs >= self.max_epochs else f"stopped early at epoch {epochs}"
+        log.info("[%d/%d done] %s %s", self.done, self.trials, trial.trial_id, state)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        log.warning("[%d/%d done] %s FAILED: %s", self.done, self.trials, trial.trial_id,
+                    error_text(trial).splitlines()[-1])
+
+
 def error_text(trial) -> str:
     """The last line(s) of a failed trial's error, for humans and MLflow tags."""
     path = trial.error_file
@@ -258,9 +288,10 @@ def make_tuner(
             max_concurrent_trials=max_concurrent, reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=run_name, storage_path=str(storage_path), callbacks=[callback],
+            name=run_name, storage_path=str(storage_path),
+            callbacks=[callback, ProgressCallback(metrics[0], modes[0], trials, ctx.max_epochs)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            verbose=1,
+            verbose=0,
         ),
     )

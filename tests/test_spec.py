@@ -1,0 +1,149 @@
+"""Search-space loading: every shipped file loads; every broken rule gives a clean message."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from calotune.errors import UserError
+from calotune.spec import SPACES_DIR, load_spec, parse_spec
+
+SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
+
+
+def _valid() -> dict:
+    return yaml.safe_load((SPACES_DIR / "zdc_swiglu.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_space_loads_and_samples(path: Path) -> None:
+    spec = load_spec(str(path))
+    assert spec.params, "a search space must declare parameters"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        values = spec.suggest(study.ask())
+        for p in spec.params:
+            if p.active(values):
+                assert p.name in values
+            else:
+                assert p.name not in values
+
+
+def test_load_by_name_matches_path() -> None:
+    assert load_spec("zdc_swiglu") == load_spec(str(SPACES_DIR / "zdc_swiglu.yaml"))
+
+
+def test_types_are_declared_not_inferred() -> None:
+    spec = load_spec("zdc_swiglu")
+    params = {p.name: p for p in spec.params}
+    assert params["lr_generator"].type == "float" and params["lr_generator"].log
+    assert params["low_rank"].type == "int" and params["low_rank"].step == 2
+    assert params["use_moe"].type == "categorical"
+    assert params["moe_experts"].when == {"use_moe": True}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = {spec.suggest(study.ask())["low_rank"] for _ in range(40)}
+    assert seen <= set(range(2, 17, 2)) and len(seen) > 2
+
+
+def test_defaults_point_respects_conditions() -> None:
+    spec = load_spec("zdc_swiglu")
+    point = spec.defaults({"use_moe": False, "lr_generator": 1e-3})
+    assert point["use_moe"] is False
+    assert "moe_experts" not in point
+    assert point["lr_generator"] == 1e-3
+
+
+def _mutated(change) -> dict:
+    raw = _valid()
+    change(raw)
+    return raw
+
+
+CASES = {
+    "unknown top-level key": (lambda r: r.update(epochs=3), "epochs", "unknown key"),
+    "unknown param key": (lambda r: r["params"]["lr_critic"].update(scale=2), "params.lr_critic", "unknown key"),
+    "wrong type": (lambda r: r["params"]["lr_critic"].update(low="small"), "params.lr_critic.low", "number"),
+    "low > high": (lambda r: r["params"]["lr_critic"].update(low=1e-2, high=1e-4), "params.lr_critic",
+                   "`low <= high` must hold, but got (low=0.01, high=0.0001)"),
+    "log with low <= 0": (lambda r: r["params"]["lr_critic"].update(low=0.0), "params.lr_critic", "low > 0"),
+    "unknown parent": (lambda r: r["params"]["moe_experts"].update(when={"use_experts": True}),
+                       "params.moe_experts.when", "unknown parent parameter 'use_experts'"),
+    "unknown family": (lambda r: r.update(family="zdc_transformer"), "family", "unknown model family"),
+    "unknown detector": (lambda r: r.update(detector="atlas"), "detector", "unknown detector"),
+    "unknown objective": (lambda r: r.update(objective={"metric": "fid"}), "objective", "unknown objective"),
+    "param not in model": (lambda r: r["params"].update(warp={"type": "float", "low": 0, "high": 1}),
+                           "params.warp", "not a parameter"),
+    "int with float bounds": (lambda r: r["params"]["low_rank"].update(low=2.5), "params.low_rank.low", "integer"),
+    "empty choices": (lambda r: r["params"]["hidden_width"].update(choices=[]), "params.hidden_width.choices",
+                      "non-empty"),
+    "bad resources": (lambda r: r["resources"].update(workers_per_trial=0), "resources.workers_per_trial",
+                      "positive"),
+    "bool for int": (lambda r: r["budget"].update(trials=True), "budget.trials", "integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_broken_rule_names_file_key_and_rule(case: str) -> None:
+    change, key, rule = CASES[case]
+    with pytest.raises(UserError) as info:
+        parse_spec(_mutated(change), source="spaces/broken.yaml")
+    message = str(info.value)
+    assert message.startswith("spaces/broken.yaml: "), message
+    assert key in message, message
+    assert rule in message, message
+    assert "\n" not in message
+
+
+def test_malformed_yaml_names_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("family: zdc_swiglu\nparams:\n  lr: {type: float, low: 1\n")
+    with pytest.raises(UserError, match=r"bad.yaml: malformed YAML at line \d+"):
+        load_spec(str(bad))
+
+
+def test_unknown_space_name_lists_known() -> None:
+    with pytest.raises(UserError, match="unknown search space 'zdc_swiglo'.*zdc_swiglu"):
+        load_spec("zdc_swiglo")
+
+
+_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
+                    st.text(max_size=5), st.lists(st.integers(0, 3), max_size=3))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_mutations_give_clean_errors_or_success(data: st.DataObject) -> None:
+    """Any mutation of a valid spec is either accepted or refused with a UserError."""
+    raw = copy.deepcopy(_valid())
+    for _ in range(data.draw(st.integers(1, 3))):
+        node = raw
+        path = []
+        while isinstance(node, dict) and node and data.draw(st.booleans()):
+            key = data.draw(st.sampled_from(sorted(node, key=str)))
+            if not isinstance(node[key], dict):
+                break
+            path.append(key)
+            node = node[key]
+        if not isinstance(node, dict) or not node:
+            continue
+        key = data.draw(st.sampled_from(sorted(node, key=str)))
+        action = data.draw(st.sampled_from(["set", "delete", "add"]))
+        if action == "set":
+            node[key] = data.draw(_LEAVES)
+        elif action == "delete":
+            del node[key]
+        else:
+            node[data.draw(st.text(min_size=1, max_size=6))] = data.draw(_LEAVES)
+    try:
+        spec = parse_spec(raw, source="mutated.yaml")
+    except UserError as exc:
+        assert str(exc).startswith("mutated.yaml")
+        return
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    spec.suggest(study.ask())  # an accepted spec must be usable by Optuna
