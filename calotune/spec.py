@@ -167,9 +167,9 @@ def _parse_param(where: str, name: str, raw: Any, known: dict[str, Param]) -> Pa
     if not isinstance(raw, dict):
         raise _fail(where, key, f"must be a mapping with a 'type', but got {raw!r}")
     kind = raw.get("type")
-    if kind not in _PARAM_KEYS:
+    if not isinstance(kind, str) or kind not in _PARAM_KEYS:
         raise _fail(where, f"{key}.type", f"must be one of float, int, categorical, but got {kind!r}")
-    unknown = sorted(set(raw) - _PARAM_KEYS[kind])
+    unknown = sorted(str(k) for k in set(raw) - _PARAM_KEYS[kind])
     if unknown:
         raise _fail(
             where, key,
@@ -258,16 +258,16 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
     where = source
     if not isinstance(raw, dict):
         raise UserError(f"{where}: the file must hold a mapping of keys, but got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _TOP_KEYS)
+    unknown = sorted(str(k) for k in set(raw) - _TOP_KEYS)
     if unknown:
         raise _fail(where, unknown[0], f"unknown key; allowed top-level keys: {sorted(_TOP_KEYS)}")
     for key in ("family", "detector", "params"):
         if key not in raw:
             raise _fail(where, key, "is required")
     family, detector_name = raw["family"], raw["detector"]
-    if family not in family_names():
+    if not isinstance(family, str) or family not in family_names():
         raise _fail(where, "family", f"unknown model family {family!r}; known: {family_names()}")
-    if detector_name not in detector_names():
+    if not isinstance(detector_name, str) or detector_name not in detector_names():
         raise _fail(where, "detector", f"unknown detector {detector_name!r}; known: {detector_names()}")
     geometry = _section(where, raw, "geometry", {k: (int, float) for k in _geometry_keys(detector_name)})
     detector = get_detector(detector_name, **geometry)
@@ -282,6 +282,8 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
     allowed_objectives = {**detector.objectives(), "gen_time_ms": "min"}
     objectives = _parse_objectives(where, raw, allowed_objectives)
     select = raw.get("select", "first")
+    if not isinstance(select, str):
+        raise _fail(where, "select", f"must be a string, but got {select!r}")
     if len(objectives) > 1 and select not in {"first", "knee"} | {o.metric for o in objectives}:
         raise _fail(where, "select", f"must be 'first', 'knee' or an objective name, but got {select!r}")
 
@@ -291,7 +293,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
             raise _fail(where, f"budget.{key}", f"must be >= 1, but got {value}")
     scheduler = _section(where, raw, "scheduler", {"type": str, "grace_period": int,
                                                     "reduction_factor": int})
-    if scheduler.get("type", "asha") not in {"asha", "none"}:
+    if not isinstance(scheduler.get("type", "asha"), str) or scheduler.get("type", "asha") not in {"asha", "none"}:
         raise _fail(where, "scheduler.type", f"must be 'asha' or 'none', but got {scheduler['type']!r}")
     if scheduler.get("reduction_factor", 2) < 2:
         raise _fail(where, "scheduler.reduction_factor", f"must be >= 2, got {scheduler['reduction_factor']}")
@@ -309,7 +311,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         raise _fail(where, "params", f"must be a non-empty mapping of parameters, but got {raw_params!r}")
     params: dict[str, Param] = {}
     for name, spec in raw_params.items():
-        if name not in model_fields and name not in TRAINER_PARAMS:
+        if not isinstance(name, str) or name not in model_fields and name not in TRAINER_PARAMS:
             raise _fail(
                 where, f"params.{name}",
                 f"is not a parameter of model family {family!r} nor of the trainer; "
@@ -320,7 +322,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
     if not isinstance(fixed, dict):
         raise _fail(where, "fixed", f"must be a mapping of parameter -> value, but got {fixed!r}")
     for name in fixed:
-        if name not in model_fields and name not in TRAINER_PARAMS:
+        if not isinstance(name, str) or name not in model_fields and name not in TRAINER_PARAMS:
             raise _fail(where, f"fixed.{name}", f"is not a parameter of {family!r} nor of the trainer")
         if name in params:
             raise _fail(where, f"fixed.{name}", "is also declared under params; keep one")
@@ -363,10 +365,10 @@ def _parse_objectives(where: str, raw: dict, allowed: dict[str, str]) -> tuple[O
         if not isinstance(item, dict) or set(item) - {"metric", "mode"} or "metric" not in item:
             raise _fail(where, key, f"must be a metric name or {{metric, mode}}, but got {item!r}")
         metric = item["metric"]
-        if metric not in allowed:
+        if not isinstance(metric, str) or metric not in allowed:
             raise _fail(where, key, f"unknown objective {metric!r}; known: {sorted(allowed)}")
         mode = item.get("mode", allowed[metric])
-        if mode not in {"min", "max"}:
+        if not isinstance(mode, str) or mode not in {"min", "max"}:
             raise _fail(where, f"{key}.mode", f"must be 'min' or 'max', but got {mode!r}")
         out.append(Objective(metric, mode))
     if len({o.metric for o in out}) != len(out):
