@@ -126,6 +126,8 @@ def _init_ray(address: str | None) -> None:
     # calotune checkpoints every epoch on purpose (resume loses nothing); Tune's warning
     # about frequent experiment snapshots is expected, not actionable.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A failed trial's last result deliberately carries no score (see worker.train).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
@@ -137,6 +139,8 @@ def _init_ray(address: str | None) -> None:
 
 
 def _outcomes(result_grid) -> list[TrialOutcome]:
+    from calotune.tuning.worker import FAILED_KEY
+
     out = []
     for r in result_grid:
         metrics = dict(r.metrics or {})
@@ -146,9 +150,10 @@ def _outcomes(result_grid) -> list[TrialOutcome]:
         elif metrics.get("checkpoint_path"):
             ckpt = Path(metrics["checkpoint_path"])
         trial_id = metrics.get("trial_id") or Path(r.path).name
+        error = str(r.error).strip().splitlines()[-1] if r.error else metrics.get(FAILED_KEY)
         out.append(TrialOutcome(
             trial_id=str(trial_id), config=dict(r.config or {}), metrics=metrics, checkpoint=ckpt,
-            error=str(r.error).strip().splitlines()[-1] if r.error else None,
+            error=error,
             epochs=int(metrics.get("training_iteration", 0)),
         ))
     return out
@@ -204,6 +209,9 @@ def _run(args: argparse.Namespace) -> int:
             "objectives": ",".join(f"{o.metric}:{o.mode}" for o in spec.objectives),
             **{f"resources.{k}": v for k, v in spec.resources.items()},
         }, {"calotune.data_hash": data_hash})
+        if args.resume:
+            log.info("resuming %s: %d interrupted trial run(s) will be continued", run_name,
+                     tracker.mark_interrupted())
         storage.mkdir(parents=True, exist_ok=True)
         latest_file.write_text(run_name)
 
@@ -254,6 +262,9 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args
     ok = [o for o in outcomes if o.error is None and o.checkpoint is not None
           and math.isfinite(float(o.metrics.get(metric, math.nan)))]
     failed = [o for o in outcomes if o.error is not None]
+    lost = tracker.close_lost({o.trial_id for o in outcomes})
+    if lost:
+        log.warning("closed %d trial run(s) lost by the killed driver: %s", len(lost), ", ".join(lost))
     runs = tracker.refresh()
     if not ok:
         reasons = "; ".join(f"{o.trial_id}: {o.error}" for o in failed[:5]) or "no trial reported"

@@ -311,7 +311,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         raise _fail(where, "params", f"must be a non-empty mapping of parameters, but got {raw_params!r}")
     params: dict[str, Param] = {}
     for name, spec in raw_params.items():
-        if not isinstance(name, str) or name not in model_fields and name not in TRAINER_PARAMS:
+        if not isinstance(name, str) or (name not in model_fields and name not in TRAINER_PARAMS):
             raise _fail(
                 where, f"params.{name}",
                 f"is not a parameter of model family {family!r} nor of the trainer; "
@@ -322,7 +322,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
     if not isinstance(fixed, dict):
         raise _fail(where, "fixed", f"must be a mapping of parameter -> value, but got {fixed!r}")
     for name in fixed:
-        if not isinstance(name, str) or name not in model_fields and name not in TRAINER_PARAMS:
+        if not isinstance(name, str) or (name not in model_fields and name not in TRAINER_PARAMS):
             raise _fail(where, f"fixed.{name}", f"is not a parameter of {family!r} nor of the trainer")
         if name in params:
             raise _fail(where, f"fixed.{name}", "is also declared under params; keep one")

@@ -109,14 +109,44 @@ class Tracker:
 
     def refresh(self) -> dict[str, str]:
         """Re-read the trial runs of this search (another process may have created them)."""
-        for run in self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-            max_results=10_000,
-        ):
+        for run in self._children():
             trial_id = run.data.tags.get(TAG_TRIAL)
             if trial_id:
                 self._trial_runs[trial_id] = run.info.run_id
         return dict(self._trial_runs)
+
+    def _children(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            max_results=10_000,
+        )
+
+    def close_lost(self, known_trials: set[str]) -> list[str]:
+        """End runs of trials that Tune no longer knows (started after its last snapshot).
+
+        A driver killed between a trial's start and Tune's next experiment snapshot leaves
+        an MLflow run that the restored search cannot continue; it re-runs that budget as a
+        new trial, so the old run is closed as interrupted rather than left RUNNING.
+        """
+        lost = []
+        for trial_id, run_id in self.refresh().items():
+            run = self.client.get_run(run_id)
+            if trial_id not in known_trials and run.info.status == "RUNNING":
+                self.client.set_tag(run_id, "calotune.interrupted", "true")
+                self.end_trial(trial_id, "interrupted", reason="the driver was killed before Ray Tune "
+                               "recorded this trial; the resumed search re-ran its budget as a new trial")
+                lost.append(trial_id)
+        return lost
+
+    def mark_interrupted(self) -> int:
+        """Tag trial runs left RUNNING by a killed driver; the resumed search continues them."""
+        n = 0
+        for run in self._children():
+            if run.info.status == "RUNNING" and run.data.tags.get(TAG_STATE) == "running":
+                self.client.set_tag(run.info.run_id, "calotune.interrupted", "true")
+                self.client.set_tag(run.info.run_id, TAG_STATE, "interrupted")
+                n += 1
+        return n
 
     def end_search(self, status: str = "FINISHED", metrics: dict[str, float] | None = None) -> None:
         if self.parent_run_id is None:
@@ -128,6 +158,9 @@ class Tracker:
     # --- trials -------------------------------------------------------------------
     def trial_run(self, trial_id: str, params: dict[str, Any]) -> str:
         """The nested run of a trial, created on first sight, found again on resume."""
+        if trial_id in self._trial_runs:
+            return self._trial_runs[trial_id]
+        self.refresh()  # another tracker (the driver's, a previous session's) may have made it
         if trial_id in self._trial_runs:
             return self._trial_runs[trial_id]
         assert self.parent_run_id is not None, "start_search first"

@@ -26,7 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from calotune.data.splits import Splits
 from calotune.tracking.mlflow_tracker import Tracker
-from calotune.tuning.worker import TrialContext, train
+from calotune.tuning.worker import FAILED_KEY, TrialContext, train
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,12 @@ class FailAwareOptunaSearch(OptunaSearch):
     so a trial whose loss went NaN at epoch 5 would be scored with its epoch-4 value.
     """
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if FAILED_KEY not in result:
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        error = error or bool(result and FAILED_KEY in result)
         super().on_trial_complete(trial_id, None if error else result, error)
 
 
@@ -156,6 +161,7 @@ class MlflowTrialCallback(Callback):
         self.artifact_root = artifact_root
         self.max_epochs = max_epochs
         self._tracker: Tracker | None = None
+        self._tagged: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -171,20 +177,31 @@ class MlflowTrialCallback(Callback):
         return self._tracker
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.tracker.trial_run(trial.trial_id, trial.config)
+        self._resume(trial)
 
     def on_trial_restore(self, iteration, trials, trial, **info):
-        self.tracker.trial_run(trial.trial_id, trial.config)
+        self._resume(trial)
+
+    def _resume(self, trial) -> None:
+        run_id = self.tracker.trial_run(trial.trial_id, trial.config)
+        run = self.tracker.client.get_run(run_id)
+        if run.info.status != "RUNNING" or run.data.tags.get("calotune.state") == "interrupted":
+            self.tracker.client.update_run(run_id, status="RUNNING")
+            self.tracker.set_tags(run_id, {"calotune.state": "running"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.tracker.trial_run(trial.trial_id, trial.config)
         step = int(result.get("training_iteration", 0))
         self.tracker.log_metrics(run_id, result, step=step)
+        if step == 1 or trial.trial_id not in self._tagged:
+            self._tagged.add(trial.trial_id)
+            self.tracker.set_tags(run_id, {"calotune.node_id": result.get("node_id", "unknown"),
+                                           "calotune.hostname": result.get("hostname", "unknown")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.tracker.trial_run(trial.trial_id, trial.config)
-        epochs = int((trial.last_result or {}).get("training_iteration", 0))
-        self.tracker.end_trial(trial.trial_id, "complete" if epochs >= self.max_epochs else "pruned")
+        state, reason = trial_state(trial, self.max_epochs)
+        self.tracker.end_trial(trial.trial_id, state, reason=reason)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.trial_run(trial.trial_id, trial.config)
@@ -201,6 +218,8 @@ class ProgressCallback(Callback):
         self.done = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if FAILED_KEY in result:
+            return
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
             if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
@@ -211,14 +230,25 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        state, reason = trial_state(trial, self.max_epochs)
         epochs = (trial.last_result or {}).get("training_iteration", 0)
-        state = "complete" if epochs >= self.max_epochs else f"stopped early at epoch {epochs}"
-        log.info("[%d/%d done] %s %s", self.done, self.trials, trial.trial_id, state)
+        text = {"complete": "complete", "pruned": f"stopped early at epoch {epochs}",
+                "failed": f"FAILED: {reason}"}[state]
+        log.info("[%d/%d done] %s %s", self.done, self.trials, trial.trial_id, text)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
         log.warning("[%d/%d done] %s FAILED: %s", self.done, self.trials, trial.trial_id,
                     error_text(trial).splitlines()[-1])
+
+
+def trial_state(trial, max_epochs: int) -> tuple[str, str | None]:
+    """complete / pruned / failed (with reason) of a trial that ended without a Ray error."""
+    last = trial.last_result or {}
+    if FAILED_KEY in last:
+        return "failed", str(last[FAILED_KEY])
+    epochs = int(last.get("training_iteration", 0))
+    return ("complete" if epochs >= max_epochs else "pruned"), None
 
 
 def error_text(trial) -> str:
@@ -245,7 +275,7 @@ def make_tuner(
     max_concurrent: int,
     resources: dict[str, Any],
     restore: bool,
-    max_failures: int = 0,
+    max_failures: int = 2,
 ) -> tune.Tuner:
     """A Tuner over ``spec`` (or a restored one when ``restore``)."""
     import optuna
@@ -290,7 +320,9 @@ def make_tuner(
         run_config=tune.RunConfig(
             name=run_name, storage_path=str(storage_path),
             callbacks=[callback, ProgressCallback(metrics[0], modes[0], trials, ctx.max_epochs)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # two, not one: a driver killed between deleting the older checkpoint and the next
+            # experiment snapshot must still find the one that snapshot names.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
         ),

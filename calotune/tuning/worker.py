@@ -9,8 +9,10 @@ and inside a Ray Train ``TorchTrainer`` worker group (DDP).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -76,8 +78,11 @@ def make_step_fn(model: GenerativeModel, world_size: int, grad_clip: float):
     """
 
     def step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss became {loss.item()} (non-finite)")
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if world_size > 1:  # every rank must stop together, or the others hang in all_reduce
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise NonFiniteLossError(f"loss became {loss.item()} (non-finite) on at least one rank")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -106,6 +111,9 @@ def objective_value(metrics: dict[str, float], metric: str) -> float:
     return value
 
 
+FAILED_KEY = "calotune_failed"
+
+
 def train(
     ctx: TrialContext,
     params: dict[str, Any],
@@ -115,7 +123,29 @@ def train(
     device: torch.device,
     resume_dir: Path | None = None,
 ) -> None:
-    """Train one trial for ``ctx.max_epochs`` epochs, reporting after each."""
+    """Train one trial; a non-finite loss ends it as FAILED (reported, not raised).
+
+    Reporting the failure instead of raising keeps Ray's retry budget for infrastructure
+    faults (a killed worker): a NaN is deterministic and retrying it would only repeat it.
+    The failure result carries no score, so nothing downstream can learn from a sentinel.
+    """
+    try:
+        _train(ctx, params, data, reporter, device=device, resume_dir=resume_dir)
+    except NonFiniteLossError as exc:
+        log.warning("trial failed: %s", exc)
+        reporter({FAILED_KEY: f"NonFiniteLossError: {exc}"}, None)
+
+
+def _train(
+    ctx: TrialContext,
+    params: dict[str, Any],
+    data: Splits,
+    reporter: Reporter,
+    *,
+    device: torch.device,
+    resume_dir: Path | None = None,
+) -> None:
+    """Train for ``ctx.max_epochs`` epochs, reporting after each."""
     rank, world_size = _world()
     torch.manual_seed(ctx.seed)
     np_rng = np.random.default_rng(ctx.seed + 1000 * rank)
@@ -151,6 +181,7 @@ def train(
         if resume_dir is not None and (resume_dir / BEST_DIR).is_dir():
             shutil.copytree(resume_dir / BEST_DIR, best_dir)
         for epoch in range(start_epoch, ctx.max_epochs):
+            inject_fault(model, params, epoch + 1)
             sums, n_batches, train_s = _train_epoch(model, optimizers, step, cond, cells,
                                                     np_rng.permutation(n), batch_size)
             metrics: dict[str, Any] = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
@@ -164,6 +195,7 @@ def train(
                     )
                     metrics.update(detector.scores(data.validation, generated))
                     metrics["gen_time_ms"] = ms_per_shower
+                    metrics["node_id"] = _node_id()
                     value = objective_value(metrics, metric)
                     if sign * value < best:
                         best = sign * value
@@ -202,6 +234,52 @@ def _train_epoch(model, optimizers, step, cond, cells, order: np.ndarray, batch_
             sums[k] = sums.get(k, 0.0) + v
         n_batches += 1
     return sums, n_batches, time.perf_counter() - t0
+
+
+FAULT_ENV = "CALOTUNE_FAULT"
+
+
+def inject_fault(model: torch.nn.Module, params: dict[str, Any], epoch: int) -> None:
+    """Chaos testing: fail on purpose when ``$CALOTUNE_FAULT`` asks for it.
+
+    JSON, e.g. ``{"kind": "nan", "epoch": 2, "param": "mask_loss_weight", "above": 1.0}``.
+    kind "nan" poisons the weights (the real NaN path), "raise" raises, "exit" kills the
+    worker process (an infrastructure fault; with ``"once_file"`` only the first time).
+    Unset in normal use; the resilience tests set it.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault = json.loads(spec)
+    if epoch != int(fault.get("epoch", 1)):
+        return
+    if "param" in fault and not float(params.get(fault["param"], -math.inf)) > float(fault.get("above", -math.inf)):
+        return
+    once = fault.get("once_file")
+    if once:
+        if Path(once).exists():
+            return
+        Path(once).write_text(str(os.getpid()))
+    kind = fault["kind"]
+    log.warning("injecting fault %r at epoch %d", kind, epoch)
+    if kind == "nan":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(math.nan)
+    elif kind == "raise":
+        raise RuntimeError("injected failure (CALOTUNE_FAULT)")
+    elif kind == "exit":
+        os._exit(17)
+
+
+def _node_id() -> str:
+    """The Ray node this worker runs on (two nodes on one host share an IP, not an id)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:
+        return "unknown"
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
