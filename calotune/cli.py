@@ -21,6 +21,7 @@ def configure_logging(verbose: bool = False) -> None:
     for noisy in ("ray", "mlflow", "alembic", "urllib3", "optuna", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def run_cli(body: Callable[[], int]) -> int:

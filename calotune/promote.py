@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "search's test split)")
     p.add_argument("--force", action="store_true", help="promote even if the candidate is not better")
     p.add_argument("--to-version", help="point production at this version (roll back)")
+    p.add_argument("--candidate-version", help="judge this version instead of alias 'candidate'")
     p.add_argument("--home", type=Path, default=Path(".calotune"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -56,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def promote(args: argparse.Namespace) -> int:
-    from calotune.detectors import get_detector
-    from calotune.sampling import score_model
     from calotune.tracking import registry
-    from calotune.tracking.mlflow_tracker import _client, check_tracking_uri, default_tracking_uri, user
+    from calotune.tracking.mlflow_tracker import check_tracking_uri, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.home.resolve())
     if args.tracking_uri:
@@ -68,19 +67,37 @@ def promote(args: argparse.Namespace) -> int:
         raise UserError(f"no MLflow store at {args.home / 'mlflow.db'}; run a search first or "
                         f"pass --tracking-uri")
     name = args.detector
+    registry.resolve(uri, name, alias="candidate" if not (args.to_version or args.candidate_version) else None,
+                     version=args.to_version or args.candidate_version)  # unknown model/alias: exit 2 now
+    with registry.promotion_lock(uri, name):
+        return _promote_locked(args, uri, name)
+
+
+def _promote_locked(args: argparse.Namespace, uri: str, name: str) -> int:
+    """Everything from reading ``production`` to moving it happens under the lock, so two
+    promotions at once are serialised and the second compares against the first's result."""
+    from calotune.detectors import get_detector
+    from calotune.sampling import score_model
+    from calotune.tracking import registry
+    from calotune.tracking.mlflow_tracker import _client, user
+
     client = _client(uri)
     production = registry.resolve(uri, name, alias="production", required=False)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if args.to_version:
         target = registry.resolve(uri, name, version=args.to_version)
-        _record(client, name, target.version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "promoted_by": user(), "promotion": "rollback",
-                "replaced_version": production.version if production else "none"})
+        _record(client, name, target.version, {"promoted_at": now, "promoted_by": user(),
+                "promotion": "rollback", "replaced_version": production.version if production else "none"})
         client.set_registered_model_alias(name, "production", target.version)
         log.info("production of %r -> version %s (rollback; was %s)", name, target.version,
                  production.version if production else "none")
         return 0
 
-    candidate = registry.resolve(uri, name, alias="candidate")
+    candidate = (registry.resolve(uri, name, version=args.candidate_version) if args.candidate_version
+                 else registry.resolve(uri, name, alias="candidate"))
+    if production is not None and production.version == candidate.version:
+        log.info("candidate v%s already is production; nothing to do", candidate.version)
+        return 0
     objective = candidate.tags.get("objective", "mean_separation")
     mode = candidate.tags.get("mode", "min")
     cand_dir = registry.download(uri, candidate)
@@ -96,15 +113,12 @@ def promote(args: argparse.Namespace) -> int:
              objective, mode, len(reference), candidate.version, cand_score,
              f"v{production.version}" if production else "(none)",
              f"{prod_score:.5f}" if prod_score is not None else "n/a")
-    if production is not None and production.version == candidate.version:
-        log.info("candidate v%s already is production; nothing to do", candidate.version)
-        return 0
     if not better and not args.force:
         log.info("not promoted: the candidate is not better (use --force to override)")
         return 0
     _record(client, name, candidate.version, {
-        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "promoted_by": user(),
-        "promotion": "forced" if not better else "better",
+        "promoted_at": now, "promoted_by": user(),
+        "promotion": "forced" if not better else ("first" if production is None else "better"),
         "promotion_objective": objective, "candidate_score": f"{cand_score:.6g}",
         "production_score": f"{prod_score:.6g}" if prod_score is not None else "none",
         "replaced_version": production.version if production else "none",

@@ -72,7 +72,7 @@ def test_promote_then_generate(searched, tmp_path: Path) -> None:
     candidate = client.get_model_version_by_alias("zdc", "candidate")
     production = client.get_model_version_by_alias("zdc", "production")
     assert production.version == candidate.version
-    assert production.tags["promotion"] == "better"
+    assert production.tags["promotion"] == "first"
     assert production.tags["replaced_version"] == "none"
 
     out = tmp_path / "gen.h5"
