@@ -273,6 +273,17 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args
         return 1
     ranked = sorted(ok, key=lambda o: sign * float(o.metrics[metric]))
     best = ranked[0]
+    front: list[TrialOutcome] = []
+    if len(spec.objectives) > 1:
+        from calotune.tuning.pareto import pareto_front, select
+
+        names = [o.metric for o in spec.objectives]
+        modes = [o.mode for o in spec.objectives]
+        points = [[float(t.metrics[n]) for n in names] for t in ok]
+        front = [ok[i] for i in pareto_front(points, modes)]
+        best = ok[select(points, modes, names, spec.select)]
+        ranked = [best, *[t for t in sorted(front, key=lambda o: sign * float(o.metrics[metric])) if t is not best]]
+        _log_front(tracker, runs, front, best, names, spec.select)
     base = next((o for o in ok if is_baseline(o.config, baseline)), None)
 
     # Held-out test split: the search never saw it, so these numbers are honest.
@@ -316,6 +327,23 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args
     tracker.end_search("FINISHED", summary)
     _print_summary(spec, best, base, test_best, test_base, version, uri, args, summary, outcomes)
     return 0
+
+
+def _log_front(tracker, runs, front, chosen, names, rule) -> None:
+    """The Pareto front as a JSON artifact of the search run, and a tag on every trial run."""
+    rows = [{"trial": t.trial_id, "chosen": t is chosen, **{n: float(t.metrics[n]) for n in names},
+             "params": t.config} for t in front]
+    on_front = {t.trial_id for t in front}
+    for trial_id, run_id in runs.items():
+        tracker.set_tags(run_id, {"calotune.pareto": str(trial_id in on_front).lower()})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pareto_front.json"
+        path.write_text(json.dumps({"objectives": names, "select": rule, "front": rows}, indent=2))
+        tracker.log_artifacts(tracker.parent_run_id, Path(tmp))
+    tracker.log_metrics(tracker.parent_run_id, {"pareto_front_size": len(front)})
+    log.info("Pareto front (%s), %d trials:\n%s", " vs ".join(names), len(front), "\n".join(
+        f"    {'*' if r['chosen'] else ' '} {r['trial']}  " + "  ".join(f"{n}={r[n]:.4g}" for n in names)
+        for r in rows))
 
 
 def _print_summary(spec, best, base, test_best, test_base, version, uri, args, summary, outcomes):

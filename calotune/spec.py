@@ -57,6 +57,24 @@ class Param:
             )
         return trial.suggest_categorical(self.name, list(self.choices))
 
+    def project(self, value: Any) -> Any:
+        """The point of this parameter's domain nearest to ``value`` (the family default may
+        lie outside the declared space; the baseline trial must still be a point of it)."""
+        if self.type == "categorical":
+            if value in self.choices:
+                return value
+            numeric = [c for c in self.choices if isinstance(c, int | float) and not isinstance(c, bool)]
+            if isinstance(value, int | float) and not isinstance(value, bool) and numeric:
+                return min(numeric, key=lambda c: abs(c - value))
+            return self.choices[0]
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            value = self.low
+        value = min(max(value, self.low), self.high)
+        if self.step:
+            value = self.low + round((value - self.low) / self.step) * self.step
+            value = min(value, self.high)
+        return int(round(value)) if self.type == "int" else float(value)
+
     def active(self, values: dict[str, Any]) -> bool:
         """Whether the parameter exists given the values already chosen for its parents."""
         return all(values.get(parent) == want for parent, want in self.when.items())
@@ -112,9 +130,7 @@ class SearchSpec:
             if not p.active(values):
                 continue
             value = p.default if p.default is not None else model_defaults.get(p.name)
-            if value is None:
-                value = p.choices[0] if p.type == "categorical" else p.low
-            values[p.name] = value
+            values[p.name] = p.project(value)
         return values
 
 

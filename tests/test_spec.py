@@ -60,6 +60,15 @@ def test_defaults_point_respects_conditions() -> None:
     assert point["lr_generator"] == 1e-3
 
 
+def test_defaults_outside_the_space_are_projected_into_it() -> None:
+    spec = load_spec("zdc_swiglu")
+    point = spec.defaults({"hidden_width": 100, "low_rank": 7, "lr_generator": 1.0, "use_moe": "maybe"})
+    assert point["hidden_width"] == 128  # nearest declared choice
+    assert point["low_rank"] in (6, 8)  # on the step grid
+    assert point["lr_generator"] == 5.0e-3  # clipped to high
+    assert point["use_moe"] is False  # first choice
+
+
 def _mutated(change) -> dict:
     raw = _valid()
     change(raw)
@@ -150,3 +159,5 @@ def test_random_mutations_give_clean_errors_or_success(data: st.DataObject) -> N
         return
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     spec.suggest(study.ask())  # an accepted spec must be usable by Optuna
+    study.enqueue_trial(spec.defaults({}))  # and its baseline must be a point of the space
+    spec.suggest(study.ask())

@@ -160,6 +160,7 @@ def _train(
     optimizers = model.make_optimizers()
     step = make_step_fn(model, world_size, ctx.grad_clip)
     metric, mode = ctx.objectives[0]
+    multi = len(ctx.objectives) > 1
     sign = 1.0 if mode == "min" else -1.0
 
     start_epoch, best = 0, math.inf
@@ -197,14 +198,19 @@ def _train(
                     metrics["gen_time_ms"] = ms_per_shower
                     metrics["node_id"] = _node_id()
                     value = objective_value(metrics, metric)
-                    if sign * value < best:
+                    for other, _ in ctx.objectives[1:]:
+                        objective_value(metrics, other)
+                    # One objective: keep the best epoch (ASHA and TPE see the running best).
+                    # Several: the trade-off is the final model's, so it is always the latest.
+                    if sign * value < best or multi:
                         best = sign * value
                         shutil.rmtree(best_dir, ignore_errors=True)
                         save_model(best_dir, model, family=ctx.family, detector=detector,
                                    params=model_params,
                                    info={"epoch": epoch + 1, "metrics": _floats(metrics)})
                     metrics[f"{metric}_epoch"] = value
-                    metrics[metric] = sign * best  # the trial's best so far: what ASHA and TPE see
+                    if not multi:
+                        metrics[metric] = sign * best
                     checkpoint_dir = Path(tmp)
                     torch.save({"model": model.state_dict(),
                                 "optimizers": [o.state_dict() for o in optimizers],
