@@ -133,7 +133,7 @@ def _init_ray(address: str | None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(include_dashboard=False, log_to_driver=os.environ.get("CALOTUNE_RAY_LOGS") == "1")
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"--address {address}: cannot connect to the Ray cluster ({exc})") from None
 

@@ -73,7 +73,7 @@ class Param:
         if self.step:
             value = self.low + round((value - self.low) / self.step) * self.step
             value = min(value, self.high)
-        return int(round(value)) if self.type == "int" else float(value)
+        return round(value) if self.type == "int" else float(value)
 
     def active(self, values: dict[str, Any]) -> bool:
         """Whether the parameter exists given the values already chosen for its parents."""

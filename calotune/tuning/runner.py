@@ -286,8 +286,11 @@ def make_tuner(
     )
     if resources["workers_per_trial"] == 1:
         trial_resources = {"cpu": resources["cpus_per_trial"], "gpu": resources["gpus_per_trial"]}
-    else:  # the DDP worker group requests its own resources; the driver is idle bookkeeping
-        trial_resources = {"cpu": 0}
+    else:
+        # The DDP worker group requests its own CPUs/GPUs; the trial driver only waits on it,
+        # so it takes no CPU (a token of memory: Ray refuses an empty resource request).
+        # Any CPU held here would be missing when the worker group asks for all of them.
+        trial_resources = {"cpu": 0, "memory": 1 << 20}
     trainable = tune.with_resources(trainable, trial_resources)
     if restore:
         return tune.Tuner.restore(str(storage_path / run_name), trainable,
