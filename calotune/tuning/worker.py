@@ -85,11 +85,15 @@ def make_step_fn(model: GenerativeModel, world_size: int, grad_clip: float):
             raise NonFiniteLossError(f"loss became {loss.item()} (non-finite) on at least one rank")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         if world_size > 1:
+            for p in params:
+                if p.grad is None:  # e.g. an expert no sample routed to on this rank: every
+                    p.grad = torch.zeros_like(p)  # rank must all-reduce the same tensors
             for p in params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= world_size
+        params = [p for p in params if p.grad is not None]
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
