@@ -390,3 +390,31 @@ def _parse_objectives(where: str, raw: dict, allowed: dict[str, str]) -> tuple[O
     if len({o.metric for o in out}) != len(out):
         raise _fail(where, "objectives", "lists the same metric twice")
     return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m calotune.spec SPACE...``: validate search spaces without running anything."""
+    import argparse
+    import logging
+
+    from calotune.cli import configure_logging, run_cli
+
+    parser = argparse.ArgumentParser(prog="python -m calotune.spec", description=main.__doc__)
+    parser.add_argument("spaces", nargs="+", help="names in search_spaces/ or YAML paths")
+    args = parser.parse_args(argv)
+    configure_logging()
+
+    def body() -> int:
+        for name in args.spaces:
+            spec = load_spec(name)
+            logging.getLogger("calotune.spec").info(
+                "%s: ok (%s on %s, %d parameters, objectives %s, %d trials x %d epochs)", spec.source,
+                spec.family, spec.detector, len(spec.params), ", ".join(o.metric for o in spec.objectives),
+                spec.trials, spec.max_epochs)
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
