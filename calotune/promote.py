@@ -47,7 +47,8 @@ def held_out(ref, detector, data: Path | None):
         raise UserError(f"the candidate's search data {path!r} is not on this machine; pass "
                         f"--data with a held-out reference file")
     showers = detector.read(Path(path))
-    return split(showers, seed=int(ref.tags.get("split_seed", 0))).test
+    return split(showers, float(ref.tags.get("validation_fraction", 0.15)),
+                 float(ref.tags.get("test_fraction", 0.15)), seed=int(ref.tags.get("split_seed", 0))).test
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -315,6 +315,8 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args
             "search": run_name, "trial": best.trial_id, "score": f"{test_best[metric]:.6g}",
             "objective": metric, "mode": spec.objective.mode, "data_hash": data_hash,
             "data_path": str(args.data_path), "split_seed": args.seed, "user": user(),
+            "validation_fraction": spec.data.get("validation_fraction", 0.15),
+            "test_fraction": spec.data.get("test_fraction", 0.15),
             "baseline_score": f"{test_base[metric]:.6g}" if test_base else "n/a",
         })
     summary = {
