@@ -161,7 +161,7 @@ class MlflowTrialCallback(Callback):
         self.artifact_root = artifact_root
         self.max_epochs = max_epochs
         self._tracker: Tracker | None = None
-        self._tagged: set[str] = set()
+        self._nodes: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -193,9 +193,12 @@ class MlflowTrialCallback(Callback):
         run_id = self.tracker.trial_run(trial.trial_id, trial.config)
         step = int(result.get("training_iteration", 0))
         self.tracker.log_metrics(run_id, result, step=step)
-        if step == 1 or trial.trial_id not in self._tagged:
-            self._tagged.add(trial.trial_id)
-            self.tracker.set_tags(run_id, {"calotune.node_id": result.get("node_id", "unknown"),
+        node = result.get("node_id")
+        if node and self._nodes.get(trial.trial_id, [None])[-1] != node:
+            # A retried trial may move to another node (a lost node): keep the history.
+            nodes = [*self._nodes.get(trial.trial_id, []), node]
+            self._nodes[trial.trial_id] = nodes
+            self.tracker.set_tags(run_id, {"calotune.node_id": node, "calotune.nodes": ",".join(nodes),
                                            "calotune.hostname": result.get("hostname", "unknown")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
