@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from pathlib import Path
 
 from calotune.cli import configure_logging, run_cli
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate_cli(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="calotune-generate-") as tmp:
+        return _generate(args, Path(tmp))
+
+
+def _generate(args: argparse.Namespace, tmp: Path) -> int:
     from calotune.artifacts import load_model
     from calotune.sampling import generate
     from calotune.tracking import registry
@@ -57,7 +63,7 @@ def generate_cli(args: argparse.Namespace) -> int:
             raise UserError(f"no MLflow store at {args.home / 'mlflow.db'}; run a search first or "
                             f"pass --tracking-uri")
         ref = registry.resolve(uri, name, alias=alias, version=version)
-        model_dir = registry.download(uri, ref)
+        model_dir = registry.download(uri, ref, tmp)
         label = f"{name} v{ref.version}"
     else:
         model_dir = Path(args.model)

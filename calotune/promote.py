@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,11 +71,11 @@ def promote(args: argparse.Namespace) -> int:
     name = args.detector
     registry.resolve(uri, name, alias="candidate" if not (args.to_version or args.candidate_version) else None,
                      version=args.to_version or args.candidate_version)  # unknown model/alias: exit 2 now
-    with registry.promotion_lock(uri, name):
-        return _promote_locked(args, uri, name)
+    with registry.promotion_lock(uri, name), tempfile.TemporaryDirectory(prefix="calotune-promote-") as tmp:
+        return _promote_locked(args, uri, name, Path(tmp))
 
 
-def _promote_locked(args: argparse.Namespace, uri: str, name: str) -> int:
+def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) -> int:
     """Everything from reading ``production`` to moving it happens under the lock, so two
     promotions at once are serialised and the second compares against the first's result."""
     from calotune.detectors import get_detector
@@ -101,14 +102,15 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str) -> int:
         return 0
     objective = candidate.tags.get("objective", "mean_separation")
     mode = candidate.tags.get("mode", "min")
-    cand_dir = registry.download(uri, candidate)
+    cand_dir = registry.download(uri, candidate, tmp / "candidate")
     description = _describe(cand_dir)[2]
     reference = held_out(candidate, get_detector(description["detector"], **description["geometry"]),
                          args.data)
     cand_score = score_model(cand_dir, reference, args.seed)[0][objective]
     prod_score = None
     if production is not None:
-        prod_score = score_model(registry.download(uri, production), reference, args.seed)[0][objective]
+        prod_dir = registry.download(uri, production, tmp / "production")
+        prod_score = score_model(prod_dir, reference, args.seed)[0][objective]
     better = prod_score is None or (cand_score < prod_score if mode == "min" else cand_score > prod_score)
     log.info("held-out %s (%s, %d events): candidate v%s = %.5f, production %s = %s",
              objective, mode, len(reference), candidate.version, cand_score,

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="reference HDF5 file (default: built-in synthetic data)")
     p.add_argument("--events", type=int, help="synthetic events to generate when --data is absent")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in ./.calotune)")
-    p.add_argument("--storage-path", type=Path, help="Ray Tune results folder (default: ./.calotune/ray_results); "
+    p.add_argument("--storage-path", help="Ray Tune results folder (default: ./.calotune/ray_results); "
                    "shared storage for multi-node clusters")
     p.add_argument("--address", help="existing Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, data split and training")
@@ -92,8 +92,9 @@ def prepare(args: argparse.Namespace):
     )
     detector = get_detector(spec.detector, **spec.geometry)
     home = args.home.resolve()
-    uri = args.tracking_uri or default_tracking_uri(home)
-    if args.tracking_uri:
+    explicit_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit_uri or default_tracking_uri(home)
+    if explicit_uri:
         check_tracking_uri(uri)
     if args.data is not None:
         if not args.data.is_file():
@@ -107,7 +108,9 @@ def prepare(args: argparse.Namespace):
         options = {k: spec.data[k] for k in ("particle", "mode") if k in spec.data}
         data_path = cached_synthetic(detector, args.events or spec.data.get("events", 6000),
                                      spec.data.get("seed", 1), home / "data", **options)
-    storage = (args.storage_path or home / "ray_results").resolve()
+    # A local folder, or an object-store URI (s3://, gs://) that Ray Tune writes through pyarrow.
+    storage = args.storage_path if args.storage_path and "://" in args.storage_path else \
+        Path(args.storage_path or home / "ray_results").resolve()
     return spec, detector, data_path, uri, storage
 
 
@@ -132,8 +135,8 @@ def _init_ray(address: str | None) -> None:
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=os.environ.get("CALOTUNE_RAY_LOGS") == "1")
+        else:  # "local": never join a cluster some other process happened to start here
+            ray.init(address="local", include_dashboard=False, log_to_driver=os.environ.get("CALOTUNE_RAY_LOGS") == "1")
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"--address {address}: cannot connect to the Ray cluster ({exc})") from None
 
@@ -170,10 +173,12 @@ def _run(args: argparse.Namespace) -> int:
     spec, detector, data_path, uri, storage = prepare(args)
     args.data_path = data_path
     experiment = spec.name
-    latest_file = storage / f"{spec.name}.latest"
+    # Which search of this space to resume: recorded in --home, which works for local and
+    # object-store storage alike (put --home on shared storage for cluster jobs).
+    latest_file = args.home.resolve() / "searches" / f"{spec.name}.latest"
     if args.resume:
         if not latest_file.is_file():
-            raise UserError(f"--resume: no search of {spec.name!r} to resume under {storage}; "
+            raise UserError(f"--resume: no search of {spec.name!r} to resume under {latest_file.parent}; "
                             f"run without --resume to start one")
         run_name = latest_file.read_text().strip()
     else:
@@ -212,7 +217,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.resume:
             log.info("resuming %s: %d interrupted trial run(s) will be continued", run_name,
                      tracker.mark_interrupted())
-        storage.mkdir(parents=True, exist_ok=True)
+        if isinstance(storage, Path):
+            storage.mkdir(parents=True, exist_ok=True)
+        latest_file.parent.mkdir(parents=True, exist_ok=True)
         latest_file.write_text(run_name)
 
         ctx = TrialContext(

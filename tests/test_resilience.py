@@ -113,7 +113,7 @@ def test_sigkilled_driver_resumes_without_losing_or_duplicating(tmp_path: Path) 
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
     # Optuna's history survived: the resumed searcher knows all five trials.
-    exp_dir = home / "ray_results" / (home / "ray_results" / f"{SPACE}.latest").read_text().strip()
+    exp_dir = home / "ray_results" / (home / "searches" / f"{SPACE}.latest").read_text().strip()
     state_files = sorted(exp_dir.glob("searcher-state-*.pkl"))
     assert state_files
     with state_files[-1].open("rb") as f:

@@ -11,7 +11,6 @@ import os
 import random
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,11 +75,11 @@ def resolve(tracking_uri: str, name: str, alias: str | None = None, version: str
                     tags=dict(mv.tags), aliases=tuple(mv.aliases))
 
 
-def download(tracking_uri: str, ref: ModelRef, dst: Path | None = None) -> Path:
-    """Fetch a model version's files into a local folder."""
+def download(tracking_uri: str, ref: ModelRef, dst: Path) -> Path:
+    """Fetch a model version's files into a local folder (the caller owns its lifetime)."""
     import mlflow.artifacts
 
-    dst = dst or Path(tempfile.mkdtemp(prefix=f"calotune-{ref.name}-v{ref.version}-"))
+    dst.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=ref.source, dst_path=str(dst), tracking_uri=tracking_uri
     )

@@ -270,7 +270,7 @@ def make_tuner(
     ctx: TrialContext,
     data_ref: Any,
     baseline: dict[str, Any],
-    storage_path: Path,
+    storage_path: Path | str,
     run_name: str,
     seed: int,
     trials: int,
@@ -296,7 +296,7 @@ def make_tuner(
         trial_resources = {"cpu": 0, "memory": 1 << 20}
     trainable = tune.with_resources(trainable, trial_resources)
     if restore:
-        return tune.Tuner.restore(str(storage_path / run_name), trainable,
+        return tune.Tuner.restore(f"{str(storage_path).rstrip('/')}/{run_name}", trainable,
                                   resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     metrics = [o.metric for o in spec.objectives]
