@@ -51,8 +51,9 @@ def calotune_search(spec, ctx, splits, trials: int, concurrent: int, root: Path)
     from calotune.tracking.mlflow_tracker import Tracker, default_tracking_uri
     from calotune.tuning.runner import MlflowTrialCallback, make_tuner
 
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - t0
     try:
         uri = default_tracking_uri(root)
@@ -74,6 +75,8 @@ def calotune_search(spec, ctx, splits, trials: int, concurrent: int, root: Path)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--ddp-trials", type=int, default=2,
+                   help="also time this many trials as 2-worker DDP TorchTrainers (0: skip)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -87,12 +90,17 @@ def main() -> None:
                        max_epochs=spec.max_epochs, fixed=spec.fixed)
     plain = plain_optuna(spec, ctx, splits, args.trials)
     results = {"trials": args.trials, "epochs_per_trial": ctx.max_epochs, "plain_optuna_s": plain,
-               "ctx": asdict(ctx)["geometry"]}
+               "geometry": asdict(ctx)["geometry"]}
     with tempfile.TemporaryDirectory() as tmp:
         for concurrent in (1, 2):
             init_s, fit_s = calotune_search(spec, ctx, splits, args.trials, concurrent, Path(tmp))
             results[f"ray_init_s_c{concurrent}"] = init_s
             results[f"calotune_fit_s_c{concurrent}"] = fit_s
+        if args.ddp_trials:
+            ddp_spec = dataclasses.replace(spec, resources={**spec.resources, "workers_per_trial": 2})
+            _, fit_s = calotune_search(ddp_spec, ctx, splits, args.ddp_trials, 1, Path(tmp) / "ddp")
+            results["ddp_2_workers_s_per_trial"] = fit_s / args.ddp_trials
+    results["plain_s_per_trial"] = plain / args.trials
     results["overhead_per_trial_s_serial"] = (results["calotune_fit_s_c1"] - plain) / args.trials
     log.info(json.dumps(results, indent=2))
     if args.json:
