@@ -48,7 +48,7 @@ def _generate(args: argparse.Namespace, tmp: Path) -> int:
     from calotune.artifacts import load_model
     from calotune.sampling import generate
     from calotune.tracking import registry
-    from calotune.tracking.mlflow_tracker import check_tracking_uri, default_tracking_uri
+    from calotune.tracking.mlflow_tracker import resolve_tracking_uri
 
     if args.events <= 0:
         raise UserError(f"--events must be > 0, but got {args.events}")
@@ -56,12 +56,7 @@ def _generate(args: argparse.Namespace, tmp: Path) -> int:
         raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
     if args.model.startswith("models:/"):
         name, alias, version = registry.parse_model_uri(args.model)
-        uri = args.tracking_uri or default_tracking_uri(args.home.resolve())
-        if args.tracking_uri:
-            check_tracking_uri(uri)
-        elif not (args.home / "mlflow.db").is_file():
-            raise UserError(f"no MLflow store at {args.home / 'mlflow.db'}; run a search first or "
-                            f"pass --tracking-uri")
+        uri = resolve_tracking_uri(args.tracking_uri, args.home.resolve(), must_exist=True)
         ref = registry.resolve(uri, name, alias=alias, version=version)
         model_dir = registry.download(uri, ref, tmp)
         label = f"{name} v{ref.version}"

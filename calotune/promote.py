@@ -60,14 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def promote(args: argparse.Namespace) -> int:
     from calotune.tracking import registry
-    from calotune.tracking.mlflow_tracker import check_tracking_uri, default_tracking_uri
+    from calotune.tracking.mlflow_tracker import resolve_tracking_uri
 
-    uri = args.tracking_uri or default_tracking_uri(args.home.resolve())
-    if args.tracking_uri:
-        check_tracking_uri(uri)
-    elif not (args.home / "mlflow.db").is_file():
-        raise UserError(f"no MLflow store at {args.home / 'mlflow.db'}; run a search first or "
-                        f"pass --tracking-uri")
+    uri = resolve_tracking_uri(args.tracking_uri, args.home.resolve(), must_exist=True)
     name = args.detector
     registry.resolve(uri, name, alias="candidate" if not (args.to_version or args.candidate_version) else None,
                      version=args.to_version or args.candidate_version)  # unknown model/alias: exit 2 now

@@ -73,7 +73,7 @@ def prepare(args: argparse.Namespace):
     """Validate every input; returns (spec, detector, data path, tracking uri, storage)."""
     from calotune.detectors import get_detector
     from calotune.spec import load_spec
-    from calotune.tracking.mlflow_tracker import check_tracking_uri, default_tracking_uri
+    from calotune.tracking.mlflow_tracker import resolve_tracking_uri
 
     for flag in ("trials", "max_epochs", "events", "workers_per_trial", "max_concurrent"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
@@ -92,10 +92,7 @@ def prepare(args: argparse.Namespace):
     )
     detector = get_detector(spec.detector, **spec.geometry)
     home = args.home.resolve()
-    explicit_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    uri = explicit_uri or default_tracking_uri(home)
-    if explicit_uri:
-        check_tracking_uri(uri)
+    uri = resolve_tracking_uri(args.tracking_uri, home, must_exist=False)
     if args.data is not None:
         if not args.data.is_file():
             raise UserError(f"--data {args.data}: file does not exist")

@@ -33,6 +33,22 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def resolve_tracking_uri(flag: str | None, home: Path, *, must_exist: bool) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else SQLite in ``home``; checked first.
+
+    ``must_exist``: commands that read a store (promote, generate) refuse to create an
+    empty local one, so a mistyped --home gives a clear message, not "no such model".
+    """
+    explicit = flag or os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        check_tracking_uri(explicit)
+        return explicit
+    if must_exist and not (home / "mlflow.db").is_file():
+        raise UserError(f"no MLflow store at {home / 'mlflow.db'}; run a search first, or pass "
+                        f"--tracking-uri (or --home) to point at the one you use")
+    return default_tracking_uri(home)
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
