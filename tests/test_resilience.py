@@ -100,11 +100,14 @@ def test_sigkilled_driver_resumes_without_losing_or_duplicating(tmp_path: Path) 
     assert len(ids) == len(set(ids)), f"duplicated trial runs: {ids}"
     assert before <= set(ids), "no run from before the kill may be lost"
     assert all(r.info.status != "RUNNING" for r in all_runs)
-    # Trials Tune had not yet snapshotted when killed are closed as interrupted; their
-    # budget is re-run under new ids. Every other run is one finished Tune trial.
+    # Trials Tune had not yet snapshotted when killed are closed as interrupted (running)
+    # or marked orphaned (finished); their budget is re-run under new ids. Every other run
+    # is one finished Tune trial.
     lost = [r for r in all_runs if r.data.tags["calotune.state"] == "interrupted"]
-    runs = [r for r in all_runs if r not in lost]
+    orphans = [r for r in all_runs if r.data.tags.get("calotune.orphaned") == "true"]
+    runs = [r for r in all_runs if r not in lost and r not in orphans]
     assert all(r.data.tags.get("calotune.interrupted") == "true" and r.info.status == "KILLED" for r in lost)
+    assert all(r.info.status == "FINISHED" for r in orphans)
     assert len(runs) == 5, [(r.data.tags["calotune.trial_id"], r.data.tags["calotune.state"]) for r in all_runs]
     assert {r.data.tags["calotune.state"] for r in runs} <= {"complete", "pruned"}
     parents = [r for r in mlflow_client(home).search_runs(

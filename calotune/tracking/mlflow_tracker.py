@@ -146,11 +146,18 @@ class Tracker:
         """
         lost = []
         for trial_id, run_id in self.refresh().items():
+            if trial_id in known_trials:
+                continue
             run = self.client.get_run(run_id)
-            if trial_id not in known_trials and run.info.status == "RUNNING":
+            if run.info.status == "RUNNING":
                 self.client.set_tag(run_id, "calotune.interrupted", "true")
                 self.end_trial(trial_id, "interrupted", reason="the driver was killed before Ray Tune "
                                "recorded this trial; the resumed search re-ran its budget as a new trial")
+                lost.append(trial_id)
+            elif run.data.tags.get("calotune.orphaned") != "true":
+                # Finished, but after Tune's last snapshot: the record stays, marked, and the
+                # search (which re-ran that budget) no longer counts or selects it.
+                self.client.set_tag(run_id, "calotune.orphaned", "true")
                 lost.append(trial_id)
         return lost
 
