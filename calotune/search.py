@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -189,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     from calotune.data.splits import split
     from calotune.models.registry import config_fields
     from calotune.tracking.mlflow_tracker import Tracker
-    from calotune.tuning.runner import MlflowTrialCallback, is_baseline, make_tuner
+    from calotune.tuning.runner import MlflowTrialCallback, make_tuner
     from calotune.tuning.worker import TrialContext
 
     showers = detector.read(data_path)
@@ -227,8 +226,8 @@ def _run(args: argparse.Namespace) -> int:
             objectives=tuple((o.metric, o.mode) for o in spec.objectives),
             max_epochs=spec.max_epochs, seed=args.seed, fixed=spec.fixed,
         )
-        data_ref = ray.put(splits.__class__(train=splits.train, validation=splits.validation,
-                                            test=splits.validation.subset(slice(0, 1))))
+        # Put once, read by every trial on every node; the held-out split never leaves the driver.
+        data_ref = ray.put(dataclasses.replace(splits, test=splits.test.subset(slice(0, 0))))
         callback = MlflowTrialCallback(uri, experiment, run_name, str(home / "artifacts"),
                                        spec.max_epochs)
         res = spec.resources
@@ -249,7 +248,7 @@ def _run(args: argparse.Namespace) -> int:
         search_s = time.perf_counter() - t_search
         outcomes = _outcomes(result_grid)
         return _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args,
-                       uri, search_s, time.perf_counter() - t_start, is_baseline)
+                       uri, search_s, time.perf_counter() - t_start)
     except BaseException:
         if "tracker" in locals() and tracker.parent_run_id:
             tracker.end_search("KILLED")
@@ -259,9 +258,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args, uri,
-            search_s, total_s, is_baseline) -> int:
+            search_s, total_s) -> int:
     from calotune.sampling import score_model
     from calotune.tracking.mlflow_tracker import user
+    from calotune.tuning.runner import is_baseline
     from calotune.tuning.worker import BEST_DIR
 
     metric, mode = spec.objective.metric, spec.objective.mode
@@ -379,8 +379,6 @@ def _print_summary(spec, best, base, test_best, test_base, version, uri, args, s
           else f"open {uri} in a browser")
     lines.append(f"compare runs: {ui}   (experiment {spec.name!r})")
     log.info("\n".join(lines))
-    sys.stdout.flush()
-    json.dumps(summary)
 
 
 if __name__ == "__main__":
