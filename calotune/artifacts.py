@@ -53,8 +53,8 @@ def save_model(
     return out_dir
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[GenerativeModel, Detector, dict]:
-    """Rebuild a saved model without unpickling code; UserError on anything unexpected."""
+def read_description(model_dir: Path) -> dict[str, Any]:
+    """A saved model's ``model.json`` (family, detector, geometry, params), checked."""
     description_path = model_dir / MODEL_JSON
     weights_path = model_dir / WEIGHTS
     if not description_path.is_file() or not weights_path.is_file():
@@ -68,6 +68,13 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[Gen
         raise UserError(f"{description_path}: not valid JSON ({exc})") from None
     if description.get("format") != FORMAT:
         raise UserError(f"{description_path}: format {description.get('format')!r}, expected {FORMAT!r}")
+    return description
+
+
+def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[GenerativeModel, Detector, dict]:
+    """Rebuild a saved model without unpickling code; UserError on anything unexpected."""
+    description = read_description(model_dir)
+    description_path, weights_path = model_dir / MODEL_JSON, model_dir / WEIGHTS
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as exc:

@@ -73,6 +73,7 @@ def promote(args: argparse.Namespace) -> int:
 def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) -> int:
     """Everything from reading ``production`` to moving it happens under the lock, so two
     promotions at once are serialised and the second compares against the first's result."""
+    from calotune.artifacts import read_description
     from calotune.detectors import get_detector
     from calotune.sampling import score_model
     from calotune.tracking import registry
@@ -98,7 +99,7 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
     objective = candidate.tags.get("objective", "mean_separation")
     mode = candidate.tags.get("mode", "min")
     cand_dir = registry.download(uri, candidate, tmp / "candidate")
-    description = _describe(cand_dir)[2]
+    description = read_description(cand_dir)
     reference = held_out(candidate, get_detector(description["detector"], **description["geometry"]),
                          args.data)
     cand_score = score_model(cand_dir, reference, args.seed)[0][objective]
@@ -125,12 +126,6 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
     client.set_registered_model_alias(name, "production", candidate.version)
     log.info("promoted %r version %s to production", name, candidate.version)
     return 0
-
-
-def _describe(model_dir: Path):
-    from calotune.artifacts import load_model
-
-    return load_model(model_dir)
 
 
 def _record(client, name: str, version: str, tags: dict[str, str]) -> None:

@@ -69,7 +69,7 @@ def _positive(name: str, value: float | None) -> None:
 
 
 def prepare(args: argparse.Namespace):
-    """Validate every input; returns (spec, detector, data path, tracking uri, storage)."""
+    """Validate every input; returns (spec, detector, showers, data path, tracking uri, storage)."""
     from calotune.detectors import get_detector
     from calotune.spec import load_spec
     from calotune.tracking.mlflow_tracker import resolve_tracking_uri
@@ -95,7 +95,6 @@ def prepare(args: argparse.Namespace):
     if args.data is not None:
         if not args.data.is_file():
             raise UserError(f"--data {args.data}: file does not exist")
-        detector.read(args.data)  # validates keys, shapes, dtypes and values before any write
         data_path = args.data.resolve()
     else:
         from calotune.data.cache import cached_synthetic
@@ -104,10 +103,11 @@ def prepare(args: argparse.Namespace):
         options = {k: spec.data[k] for k in ("particle", "mode") if k in spec.data}
         data_path = cached_synthetic(detector, args.events or spec.data.get("events", 6000),
                                      spec.data.get("seed", 1), home / "data", **options)
+    showers = detector.read(data_path)  # validates keys, shapes, dtypes, values before any write
     # A local folder, or an object-store URI (s3://, gs://) that Ray Tune writes through pyarrow.
     storage = args.storage_path if args.storage_path and "://" in args.storage_path else \
         Path(args.storage_path or home / "ray_results").resolve()
-    return spec, detector, data_path, uri, storage
+    return spec, detector, showers, data_path, uri, storage
 
 
 def _file_hash(path: Path) -> str:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    spec, detector, data_path, uri, storage = prepare(args)
+    spec, detector, showers, data_path, uri, storage = prepare(args)
     args.data_path = data_path
     experiment = spec.name
     # Which search of this space to resume: recorded in --home, which works for local and
@@ -191,7 +191,6 @@ def _run(args: argparse.Namespace) -> int:
     from calotune.tuning.runner import MlflowTrialCallback, make_tuner
     from calotune.tuning.worker import TrialContext
 
-    showers = detector.read(data_path)
     splits = split(showers, spec.data.get("validation_fraction", 0.15),
                    spec.data.get("test_fraction", 0.15), seed=args.seed)
     data_hash = _file_hash(data_path)
@@ -296,7 +295,10 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args
 
     # Held-out test split: the search never saw it, so these numbers are honest.
     test_best, gen_best = score_model(best.checkpoint / BEST_DIR, splits.test, args.seed)
-    test_base = score_model(base.checkpoint / BEST_DIR, splits.test, args.seed)[0] if base else None
+    generated = {best.trial_id: gen_best}
+    test_base = None
+    if base is not None:
+        test_base, generated[base.trial_id] = score_model(base.checkpoint / BEST_DIR, splits.test, args.seed)
     for outcome, scores in ((best, test_best), (base, test_base)):
         if outcome is not None and scores is not None and outcome.trial_id in runs:
             tracker.log_metrics(runs[outcome.trial_id], {f"test_{k}": v for k, v in scores.items()})
@@ -306,11 +308,12 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, data_hash, args
 
     detector = get_detector(spec.detector, **spec.geometry)
     with tempfile.TemporaryDirectory(prefix="calotune-plots-") as tmp:
-        for rank, outcome in enumerate(ranked[:3]):
+        for outcome in ranked[:3]:
             if outcome.trial_id not in runs:
                 continue
-            gen = gen_best if rank == 0 else score_model(outcome.checkpoint / BEST_DIR, splits.test,
-                                                         args.seed)[1]
+            gen = generated.get(outcome.trial_id)
+            if gen is None:
+                gen = score_model(outcome.checkpoint / BEST_DIR, splits.test, args.seed)[1]
             out = Path(tmp) / outcome.trial_id
             detector.plot(splits.test, gen, out)
             tracker.log_artifacts(runs[outcome.trial_id], out, "plots")
