@@ -141,6 +141,8 @@ def _init_ray(address: str | None) -> None:
 
 
 def _outcomes(result_grid) -> list[TrialOutcome]:
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
     from calotune.tuning.worker import FAILED_KEY
 
     out = []
@@ -149,8 +151,8 @@ def _outcomes(result_grid) -> list[TrialOutcome]:
         ckpt = None
         if r.checkpoint is not None:
             ckpt = Path(r.checkpoint.path)
-        elif metrics.get("checkpoint_path"):
-            ckpt = Path(metrics["checkpoint_path"])
+        elif metrics.get(CHECKPOINT_PATH_KEY):  # a DDP trial: Ray Train's checkpoint, by path
+            ckpt = Path(metrics[CHECKPOINT_PATH_KEY])
         trial_id = metrics.get("trial_id") or Path(r.path).name
         error = str(r.error).strip().splitlines()[-1] if r.error else metrics.get(FAILED_KEY)
         out.append(TrialOutcome(
@@ -360,10 +362,12 @@ def _log_front(tracker, runs, front, chosen, names, rule) -> None:
 
 
 def _print_summary(spec, best, base, test_best, test_base, version, uri, args, summary, outcomes):
+    from calotune.tuning.runner import result_state
+
     metric = spec.objective.metric
     states: dict[str, int] = {}
     for o in outcomes:
-        state = "failed" if o.error else ("complete" if o.epochs >= spec.max_epochs else "pruned")
+        state = "failed" if o.error else result_state(o.metrics, spec.max_epochs)[0]
         states[state] = states.get(state, 0) + 1
     lines = [
         "",

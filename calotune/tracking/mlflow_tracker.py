@@ -196,10 +196,6 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def trial_runs(self) -> dict[str, str]:
-        """trial id -> run id, for every trial of this search seen so far."""
-        return dict(self._trial_runs)
-
     def end_trial(self, trial_id: str, state: str, reason: str | None = None) -> None:
         """Record the final state (complete / pruned / failed / interrupted) of a trial."""
         run_id = self._trial_runs.get(trial_id)

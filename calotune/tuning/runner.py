@@ -30,9 +30,6 @@ from calotune.tuning.worker import FAILED_KEY, TrialContext, train
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PATH_KEY = "checkpoint_path"
-
-
 # --- the trial driver ------------------------------------------------------------------
 def _reporter_tune(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
     checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -245,13 +242,20 @@ class ProgressCallback(Callback):
                     error_text(trial).splitlines()[-1])
 
 
-def trial_state(trial, max_epochs: int) -> tuple[str, str | None]:
-    """complete / pruned / failed (with reason) of a trial that ended without a Ray error."""
-    last = trial.last_result or {}
+def result_state(last: dict[str, Any], max_epochs: int) -> tuple[str, str | None]:
+    """complete / pruned / failed (with reason) from a trial's last result.
+
+    The one rule for the MLflow state, the progress log and the search summary.
+    """
     if FAILED_KEY in last:
         return "failed", str(last[FAILED_KEY])
     epochs = int(last.get("training_iteration", 0))
     return ("complete" if epochs >= max_epochs else "pruned"), None
+
+
+def trial_state(trial, max_epochs: int) -> tuple[str, str | None]:
+    """:func:`result_state` of a Tune trial that ended without a Ray error."""
+    return result_state(trial.last_result or {}, max_epochs)
 
 
 def error_text(trial) -> str:
