@@ -112,6 +112,14 @@ class DistanceResult:
         return d
 
 
+def _pair(reference: Any, generated: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both samples as checked (n, d) float64 arrays with the same number of features."""
+    x, y = _as_2d(reference, "reference"), _as_2d(generated, "generated")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature counts differ: {x.shape[1]} vs {y.shape[1]}")
+    return x, y
+
+
 def _as_2d(x: Any, name: str) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim == 1:
@@ -203,10 +211,7 @@ def fpd(
         seed: bootstrap seed (the result is deterministic).
         threads: BLAS threads during the computation (:func:`blas_threads`).
     """
-    x = _as_2d(reference, "reference")
-    y = _as_2d(generated, "generated")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"feature counts differ: {x.shape[1]} vs {y.shape[1]}")
+    x, y = _pair(reference, generated)
     if max_samples is None:
         max_samples = min(FPD_MAX_SAMPLES, len(x), len(y))
     if min_samples is None:
@@ -325,10 +330,7 @@ def kpd(
             default for the same reason as :func:`fpd` (measured: 31 s with 2 threads,
             14 s with 1 on a loaded 2-core machine); None lets BLAS use every core.
     """
-    x = _as_2d(reference, "reference")
-    y = _as_2d(generated, "generated")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"feature counts differ: {x.shape[1]} vs {y.shape[1]}")
+    x, y = _pair(reference, generated)
     if batch_size is None:
         batch_size = min(KPD_BATCH_SIZE, len(x), len(y))
     if batch_size < 2:
