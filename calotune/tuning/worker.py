@@ -28,7 +28,7 @@ import torch.distributed as dist
 from calotune.artifacts import save_model
 from calotune.data.splits import Splits
 from calotune.detectors import get_detector
-from calotune.models.base import Batch, GenerativeModel
+from calotune.models.base import Batch
 from calotune.models.registry import build_model
 from calotune.sampling import generate
 from calotune.showers import ShowerSet
@@ -69,7 +69,7 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def make_step_fn(model: GenerativeModel, world_size: int, grad_clip: float):
+def make_step_fn(world_size: int, grad_clip: float):
     """zero_grad, backward, average gradients over ranks, clip, step.
 
     Gradients are all-reduced by hand rather than through DDP's wrapper because GAN-style
@@ -162,7 +162,7 @@ def _train(
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
     optimizers = model.make_optimizers()
-    step = make_step_fn(model, world_size, ctx.grad_clip)
+    step = make_step_fn(world_size, ctx.grad_clip)
     metric, mode = ctx.objectives[0]
     multi = len(ctx.objectives) > 1
     sign = 1.0 if mode == "min" else -1.0
