@@ -9,7 +9,9 @@ got (low=0.01, high=0.0001)".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,46 @@ from calotune.errors import UserError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The trainer's own tunable parameters, with their rules declared as a family's Config
+    declares them (metadata bounds, see :func:`calotune.models.base.bounded`)."""
+
+    batch_size: int = field(default=128, metadata={"gt": 0})
+    """Events per optimisation step (calotune.tuning.worker); 0 would never step."""
+
+
 #: Parameters the trainer consumes; every other parameter goes to the model's Config.
-TRAINER_PARAMS = frozenset({"batch_size"})
+TRAINER_PARAMS = frozenset(f.name for f in fields(TrainerConfig))
+
+#: A search space is a page of YAML; 64 KiB is far beyond any real one and bounds the
+#: work a hostile file can cause before it is refused.
+MAX_SPACE_BYTES = 64 * 1024
+#: Nesting a search space needs: file > params > parameter > when/choices is 4 levels.
+MAX_YAML_DEPTH = 16
+#: Longest scalar (a description, a string choice); also keeps integer parsing cheap.
+MAX_SCALAR_CHARS = 4096
+#: Integers beyond 2**53 lose precision as floats, which Optuna stores them as.
+MAX_INT = 2**53
+#: ``name`` becomes part of file and run names (``<home>/searches/<name>.latest``).
+MAX_NAME_CHARS = 64
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+#: Fewest events any split (train, validation, test) may get. Scores are separation
+#: powers over 50-bin histograms: with N events per sample, two samples of the same
+#: distribution already score about n_bins / (2 N), half the [0, 1] scale at N = 50, so a
+#: smaller validation or test split cannot rank configurations (and a train split that
+#: small cannot fill a batch of a typical size).
+MIN_SPLIT_EVENTS = 50
+#: Used when the space does not say (calotune.search applies the same values).
+DEFAULT_EVENTS = 6000
+DEFAULT_VALIDATION_FRACTION = 0.15
+DEFAULT_TEST_FRACTION = 0.15
+#: Ray's resolution for fractional resources: a nonzero request below it is refused.
+RESOURCE_PRECISION = 1e-4
+#: Most family configurations built to check a space's corners and pairs of corners;
+#: a real space needs a few hundred, and this bounds what a hostile one can ask for.
+MAX_DOMAIN_CHECKS = 20_000
 
 _TOP_KEYS = {
     "name", "description", "family", "detector", "geometry", "data", "objective",
@@ -155,27 +195,175 @@ def resolve_space_path(name_or_path: str) -> Path:
     return path
 
 
-def load_spec(name_or_path: str) -> SearchSpec:
-    """Load and validate a search space by name or path."""
-    path = resolve_space_path(name_or_path)
+class _RefusedYAML(Exception):
+    """A YAML construct a search space does not allow; the message starts with the key or
+    the line, as the file's name will be put in front of it."""
+
+
+class _SpaceLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without the features that let a small file cost a lot.
+
+    Anchors and aliases are refused (a search space never needs them, and alias
+    expansion is how "billion laughs" files blow up); nesting is bounded before the
+    recursive composer descends (deep nesting otherwise ends in RecursionError); long
+    scalars are refused (a huge integer literal is parsed in quadratic time).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise _RefusedYAML(f"line {line}: alias *{event.anchor} is not allowed in a search space; "
+                                     "write the value out")
+        if getattr(event, "anchor", None) is not None:
+            raise _RefusedYAML(f"line {line}: anchor &{event.anchor} is not allowed in a search space; "
+                                     "write the value out where it is used")
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR_CHARS:
+            raise _RefusedYAML(f"line {line}: a value of {len(event.value)} characters is longer than "
+                                     f"the {MAX_SCALAR_CHARS} a search space allows")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _RefusedYAML(f"line {line}: nesting deeper than {MAX_YAML_DEPTH} levels is not "
+                                         "allowed in a search space")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _key_text(loader: _SpaceLoader, node: yaml.Node) -> tuple[Any, str]:
+    """A mapping key as a comparable value (``1`` and ``0x1`` are the same key) and as text."""
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_object(node)
+        try:
+            hash(value)
+        except TypeError:
+            return (node.tag, node.value), node.value
+        return (type(value).__name__, value), str(value)
+    return (node.tag, id(node)), f"<{node.tag.rsplit(':', 1)[-1]} at line {node.start_mark.line + 1}>"
+
+
+def _refuse_duplicates(loader: _SpaceLoader, root: yaml.Node) -> None:
+    """Refuse a mapping that repeats a key (PyYAML keeps the last one silently), and merge
+    keys (``<<``), which also let a later value replace an earlier one unseen."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise _RefusedYAML(f"{path or 'top level'}: merge key << at line {line} is not "
+                                       "allowed in a search space; write the keys out")
+                key, text = _key_text(loader, key_node)
+                dotted = f"{path}.{text}" if path else text
+                if key in seen:
+                    raise _RefusedYAML(f"{dotted}: duplicate key at line {line} (first at line "
+                                       f"{seen[key]}); YAML would silently keep only the last "
+                                       "one, so remove one of them")
+                seen[key] = line
+                stack.append((value_node, dotted))
+
+
+def read_space_yaml(path: Path) -> Any:
+    """Parse a search-space file; every way it can be unreadable or hostile is a UserError.
+
+    The file is read with a size bound, decoded as UTF-8, composed by
+    :class:`_SpaceLoader` (no anchors or aliases, bounded depth and scalar length),
+    checked for duplicate and merge keys, and only then turned into Python objects.
+    """
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            data = f.read(MAX_SPACE_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the search space: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPACE_BYTES:
+        raise UserError(f"{path}: a search space must be at most {MAX_SPACE_BYTES} bytes, but "
+                        f"the file is larger")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    loader: _SpaceLoader | None = None
+    try:
+        loader = _SpaceLoader(text)  # its reader already refuses unprintable characters
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _refuse_duplicates(loader, root)
+        return loader.construct_document(root)
+    except _RefusedYAML as exc:
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
         raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
-    return parse_spec(raw, source=str(path), default_name=path.stem)
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a date like 2024-13-45
+        raise UserError(f"{path}: malformed YAML: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def load_spec(name_or_path: str) -> SearchSpec:
+    """Load and validate a search space by name or path."""
+    path = resolve_space_path(name_or_path)
+    return parse_spec(read_space_yaml(path), source=str(path), default_name=path.stem)
 
 
 def _number(where: str, key: str, value: Any, kind: str) -> float | int:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(where, key, f"must be a number, but got {value!r}")
-    if kind == "int" and not float(value).is_integer():
-        raise _fail(where, key, f"must be an integer for an int parameter, but got {value!r}")
-    if not math.isfinite(value):
+        raise _fail(where, key, f"must be a number, but got {_show(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
         raise _fail(where, key, f"must be finite, but got {value!r}")
+    if kind == "int" and isinstance(value, float) and not value.is_integer():
+        raise _fail(where, key, f"must be an integer for an int parameter, but got {value!r}")
+    if abs(value) > MAX_INT:
+        raise _fail(where, key, f"must be at most 2**53 in magnitude, but got {_show(value)}")
     return int(value) if kind == "int" else float(value)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, shortened so that an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...({len(text)} characters)"
+
+
+def _key(key: Any, limit: int = 60) -> str:
+    """A key as it appears in a message, shortened like :func:`_show`."""
+    text = str(key)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...({len(text)} characters)"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type: YAML's ``1`` is not the choice ``true``."""
+    return type(a) is type(b) and a == b
+
+
+def _check_step(where: str, key: str, low: float | int, high: float | int, step: float | int) -> None:
+    """Refuse a step that does not divide ``high - low``: Optuna would lower ``high`` to the
+    last grid point without a word, so the space searched would not be the one written."""
+    lo, hi, st = (Decimal(repr(v)) for v in (low, high, step))
+    n = (hi - lo) // st
+    if lo + n * st == hi:
+        return
+    below, above = lo + n * st, lo + (n + 1) * st
+    nearest = below if hi - below <= above - hi else above
+    fmt = int if isinstance(step, int) else float
+    raise _fail(
+        where, key,
+        f"`step` must divide `high - low` (Optuna would silently search up to {fmt(below)} only), "
+        f"but got (low={low}, high={high}, step={step}); the nearest valid high is {fmt(nearest)} "
+        f"(valid highs around it: {fmt(below)}, {fmt(above)})",
+    )
 
 
 def _parse_param(where: str, name: str, raw: Any, known: dict[str, Param]) -> Param:
@@ -201,7 +389,7 @@ def _parse_param(where: str, name: str, raw: Any, known: dict[str, Param]) -> Pa
                 f"refers to unknown parent parameter {parent!r}; a parent must be a "
                 f"categorical parameter declared above it (declared so far: {sorted(known)})",
             )
-        if known[parent].type != "categorical" or want not in known[parent].choices:
+        if known[parent].type != "categorical" or not any(_same(want, c) for c in known[parent].choices):
             raise _fail(
                 where, f"{key}.when",
                 f"{parent}={want!r} is not one of the choices of categorical parameter "
@@ -216,8 +404,8 @@ def _parse_param(where: str, name: str, raw: Any, known: dict[str, Param]) -> Pa
         if any(not isinstance(c, str | int | float | bool) or c is None for c in choices):
             raise _fail(where, f"{key}.choices", f"must hold numbers, strings or booleans: {choices!r}")
         default = raw.get("default")
-        if default is not None and default not in choices:
-            raise _fail(where, f"{key}.default", f"{default!r} is not one of {choices}")
+        if default is not None and not any(_same(default, c) for c in choices):
+            raise _fail(where, f"{key}.default", f"{_show(default)} is not one of {choices}")
         return Param(name, kind, choices=tuple(choices), when=dict(when), default=default)
     for bound in ("low", "high"):
         if bound not in raw:
@@ -238,6 +426,7 @@ def _parse_param(where: str, name: str, raw: Any, known: dict[str, Param]) -> Pa
             raise _fail(where, f"{key}.step", f"must be > 0, but got {step}")
         if log:
             raise _fail(where, key, "`step` and `log: true` cannot be combined (Optuna's rule)")
+        _check_step(where, key, low, high, step)
     default = raw.get("default")
     if default is not None:
         default = _number(where, f"{key}.default", default, kind)
@@ -256,7 +445,11 @@ def _section(where: str, raw: dict, key: str, allowed: dict[str, type | tuple]) 
         if isinstance(v, bool) and bool not in (allowed[k] if isinstance(allowed[k], tuple) else (allowed[k],)):
             raise _fail(where, f"{key}.{k}", f"must be {_type_name(allowed[k])}, but got {v!r}")
         if not isinstance(v, allowed[k]):
-            raise _fail(where, f"{key}.{k}", f"must be {_type_name(allowed[k])}, but got {v!r}")
+            raise _fail(where, f"{key}.{k}", f"must be {_type_name(allowed[k])}, but got {_show(v)}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _fail(where, f"{key}.{k}", f"must be finite, but got {v!r}")
+        if isinstance(v, int) and abs(v) > MAX_INT:
+            raise _fail(where, f"{key}.{k}", f"must be at most 2**53 in magnitude, but got {_show(v)}")
     return dict(value)
 
 
@@ -266,8 +459,84 @@ def _type_name(t: type | tuple) -> str:
                         dict: "a mapping"}.get(x, x.__name__) for x in types)
 
 
+def check_name(name: Any, where: str, from_file_name: bool = False) -> str:
+    """Refuse a search name that is unsafe in file and run names (``<name>.latest``)."""
+    origin = " (taken from the file name; add a `name:` key)" if from_file_name else ""
+    if not isinstance(name, str):
+        raise _fail(where, "name", f"must be a string, but got {_show(name)}")
+    if not NAME_PATTERN.fullmatch(name) or len(name) > MAX_NAME_CHARS:
+        raise _fail(
+            where, "name",
+            f"must be 1 to {MAX_NAME_CHARS} letters, digits or `_.-`, not starting with a dot "
+            f"(it names files and runs), but got {_show(name)}{origin}",
+        )
+    return name
+
+
+def split_sizes(n_events: int, validation_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, validation, test) event counts, as :func:`calotune.data.splits.split` cuts them."""
+    n_val = max(1, round(n_events * validation_fraction))
+    n_test = max(1, round(n_events * test_fraction))
+    return n_events - n_val - n_test, n_val, n_test
+
+
+def min_split_events(validation_fraction: float, test_fraction: float) -> int:
+    """The fewest events that give every split at least MIN_SPLIT_EVENTS events."""
+    smallest = min(validation_fraction, test_fraction, 1 - validation_fraction - test_fraction)
+    n = max(3 * MIN_SPLIT_EVENTS, math.floor((MIN_SPLIT_EVENTS - 0.5) / smallest))
+    while min(split_sizes(n, validation_fraction, test_fraction)) < MIN_SPLIT_EVENTS:
+        n += 1  # a handful of steps at most: the estimate is off by rounding only
+    return n
+
+
+def check_split_events(n_events: int, validation_fraction: float, test_fraction: float,
+                       where: str, key: str = "data.events") -> None:
+    """Refuse an event count whose train, validation or test split would get fewer than
+    MIN_SPLIT_EVENTS events; UserError "{where}: {key}: ...". calotune.search can call it
+    for ``--events`` and for the size of a ``--data`` file."""
+    sizes = split_sizes(n_events, validation_fraction, test_fraction)
+    if min(sizes) >= MIN_SPLIT_EVENTS:
+        return
+    train, val, test = sizes
+    raise _fail(
+        where, key,
+        f"each split needs at least {MIN_SPLIT_EVENTS} events (MIN_SPLIT_EVENTS), but "
+        f"{n_events} events give train={train}, validation={val}, test={test} "
+        f"(validation_fraction={validation_fraction}, test_fraction={test_fraction}); use at "
+        f"least {min_split_events(validation_fraction, test_fraction)} events",
+    )
+
+
+def check_resources(resources: dict[str, Any], where: str) -> None:
+    """Refuse resource requests that Ray refuses, or that break calotune later (0 CPUs
+    divides by zero when threads are set). Keys as in the ``resources`` section."""
+    for key, value in resources.items():
+        name = f"resources.{key}"
+        if key in {"workers_per_trial", "max_concurrent_trials"}:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _fail(where, name, f"must be a positive integer (>= 1), but got {_show(value)}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise _fail(where, name, f"must be a finite number, but got {_show(value)}")
+        if key == "cpus_per_trial" and not value > 0:
+            raise _fail(where, name, f"must be positive (> 0), but got {value}")
+        if key == "gpus_per_trial" and value < 0:
+            raise _fail(where, name, f"must be >= 0, but got {value}")
+        if 0 < value < RESOURCE_PRECISION:
+            raise _fail(where, name, f"must be 0 or at least {RESOURCE_PRECISION} (Ray's resolution "
+                                     f"for fractional resources), but got {value}")
+        if key == "gpus_per_trial" and value > 1 and not float(value).is_integer():
+            raise _fail(where, name, f"a GPU request above 1 must be a whole number (Ray's rule), "
+                                     f"but got {value}; use {math.floor(value)} or {math.ceil(value)}")
+
+
 def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpec:
-    """Validate a parsed YAML document; ``source`` is named in every error."""
+    """Validate a parsed YAML document; ``source`` is named in every error.
+
+    Beyond the shape of the file, the whole declared domain is checked against the
+    family's Config and the trainer's parameters (see :func:`_check_domain`), so that a
+    space that loads is one every trial can run.
+    """
     from calotune.detectors import detector_names, get_detector
     from calotune.models.registry import config_fields, family_names
 
@@ -276,32 +545,43 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         raise UserError(f"{where}: the file must hold a mapping of keys, but got {type(raw).__name__}")
     unknown = sorted(str(k) for k in set(raw) - _TOP_KEYS)
     if unknown:
-        raise _fail(where, unknown[0], f"unknown key; allowed top-level keys: {sorted(_TOP_KEYS)}")
+        raise _fail(where, _key(unknown[0]), f"unknown key; allowed top-level keys: {sorted(_TOP_KEYS)}")
+    name = check_name(raw["name"], where) if "name" in raw else check_name(default_name, where, True)
+    if not isinstance(raw.get("description", ""), str):
+        raise _fail(where, "description", f"must be a string, but got {_show(raw['description'])}")
     for key in ("family", "detector", "params"):
         if key not in raw:
             raise _fail(where, key, "is required")
     family, detector_name = raw["family"], raw["detector"]
     if not isinstance(family, str) or family not in family_names():
-        raise _fail(where, "family", f"unknown model family {family!r}; known: {family_names()}")
+        raise _fail(where, "family", f"unknown model family {_show(family)}; known: {family_names()}")
     if not isinstance(detector_name, str) or detector_name not in detector_names():
-        raise _fail(where, "detector", f"unknown detector {detector_name!r}; known: {detector_names()}")
+        raise _fail(where, "detector", f"unknown detector {_show(detector_name)}; known: {detector_names()}")
     geometry = _section(where, raw, "geometry", {k: (int, float) for k in _geometry_keys(detector_name)})
-    detector = get_detector(detector_name, **geometry)
+    try:
+        detector = get_detector(detector_name, **geometry)
+    except UserError as exc:
+        raise _fail(where, "geometry", str(exc)) from None
 
     data = _section(where, raw, "data", {"events": int, "seed": int, "particle": str, "mode": str,
-                                          "validation_fraction": float, "test_fraction": float,
-                                          "validation_events": int})
+                                          "validation_fraction": float, "test_fraction": float})
     for frac in ("validation_fraction", "test_fraction"):
         if frac in data and not 0.0 < data[frac] < 0.5:
             raise _fail(where, f"data.{frac}", f"must be in (0, 0.5), but got {data[frac]}")
+    check_split_events(data.get("events", DEFAULT_EVENTS),
+                       data.get("validation_fraction", DEFAULT_VALIDATION_FRACTION),
+                       data.get("test_fraction", DEFAULT_TEST_FRACTION), where)
 
     allowed_objectives = {**detector.objectives(), "gen_time_ms": "min"}
     objectives = _parse_objectives(where, raw, allowed_objectives)
     select = raw.get("select", "first")
     if not isinstance(select, str):
-        raise _fail(where, "select", f"must be a string, but got {select!r}")
+        raise _fail(where, "select", f"must be a string, but got {_show(select)}")
+    if "select" in raw and len(objectives) == 1:
+        raise _fail(where, "select", f"chooses among several objectives, but the space has one "
+                                     f"({objectives[0].metric}); remove `select: {_show(select)}`")
     if len(objectives) > 1 and select not in {"first", "knee"} | {o.metric for o in objectives}:
-        raise _fail(where, "select", f"must be 'first', 'knee' or an objective name, but got {select!r}")
+        raise _fail(where, "select", f"must be 'first', 'knee' or an objective name, but got {_show(select)}")
 
     budget = _section(where, raw, "budget", {"trials": int, "max_epochs": int})
     for key, value in budget.items():
@@ -309,42 +589,41 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
             raise _fail(where, f"budget.{key}", f"must be >= 1, but got {value}")
     scheduler = _section(where, raw, "scheduler", {"type": str, "grace_period": int,
                                                     "reduction_factor": int})
-    if not isinstance(scheduler.get("type", "asha"), str) or scheduler.get("type", "asha") not in {"asha", "none"}:
-        raise _fail(where, "scheduler.type", f"must be 'asha' or 'none', but got {scheduler['type']!r}")
+    if scheduler.get("type", "asha") not in {"asha", "none"}:
+        raise _fail(where, "scheduler.type", f"must be 'asha' or 'none', but got {_show(scheduler['type'])}")
     if scheduler.get("reduction_factor", 2) < 2:
         raise _fail(where, "scheduler.reduction_factor", f"must be >= 2, got {scheduler['reduction_factor']}")
     if scheduler.get("grace_period", 1) < 1:
         raise _fail(where, "scheduler.grace_period", f"must be >= 1, got {scheduler['grace_period']}")
     resources = _section(where, raw, "resources", {"cpus_per_trial": (int, float), "gpus_per_trial": (int, float),
                                                     "workers_per_trial": int, "max_concurrent_trials": int})
-    for key, value in resources.items():
-        if value < 0 or (key in {"workers_per_trial", "max_concurrent_trials"} and value < 1):
-            raise _fail(where, f"resources.{key}", f"must be positive, but got {value}")
+    check_resources(resources, where)
 
     model_fields = config_fields(family)
     raw_params = raw["params"]
     if not isinstance(raw_params, dict) or not raw_params:
-        raise _fail(where, "params", f"must be a non-empty mapping of parameters, but got {raw_params!r}")
+        raise _fail(where, "params", f"must be a non-empty mapping of parameters, but got {_show(raw_params)}")
     params: dict[str, Param] = {}
-    for name, spec in raw_params.items():
-        if not isinstance(name, str) or (name not in model_fields and name not in TRAINER_PARAMS):
+    for pname, spec in raw_params.items():
+        if not isinstance(pname, str) or (pname not in model_fields and pname not in TRAINER_PARAMS):
             raise _fail(
-                where, f"params.{name}",
+                where, f"params.{_key(pname)}",
                 f"is not a parameter of model family {family!r} nor of the trainer; "
                 f"known: {sorted(set(model_fields) | TRAINER_PARAMS)}",
             )
-        params[name] = _parse_param(where, name, spec, params)
+        params[pname] = _parse_param(where, pname, spec, params)
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
-        raise _fail(where, "fixed", f"must be a mapping of parameter -> value, but got {fixed!r}")
-    for name in fixed:
-        if not isinstance(name, str) or (name not in model_fields and name not in TRAINER_PARAMS):
-            raise _fail(where, f"fixed.{name}", f"is not a parameter of {family!r} nor of the trainer")
-        if name in params:
-            raise _fail(where, f"fixed.{name}", "is also declared under params; keep one")
+        raise _fail(where, "fixed", f"must be a mapping of parameter -> value, but got {_show(fixed)}")
+    for fname in fixed:
+        if not isinstance(fname, str) or (fname not in model_fields and fname not in TRAINER_PARAMS):
+            raise _fail(where, f"fixed.{_key(fname)}", f"is not a parameter of {family!r} nor of the trainer")
+        if fname in params:
+            raise _fail(where, f"fixed.{fname}", "is also declared under params; keep one")
+    _check_domain(where, family, tuple(params.values()), dict(fixed))
 
     return SearchSpec(
-        name=str(raw.get("name", default_name)),
+        name=name,
         source=source,
         family=family,
         detector=detector_name,
@@ -359,6 +638,137 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         params=tuple(params.values()),
         fixed=dict(fixed),
     )
+
+
+def _probes(p: Param) -> list[tuple[str, Any]]:
+    """Values of a parameter that stand for its whole domain: every choice; both ends of a
+    range (single-field rules are intervals, so the ends decide); every point of a small
+    int grid, so that rules between fields that are not monotone (divisibility) are
+    also met."""
+    if p.type == "categorical":
+        return [(f"choices[{i}]", c) for i, c in enumerate(p.choices)]
+    step = p.step or 1
+    if p.type == "int" and (p.high - p.low) // step < 8:
+        return [("grid point", v) for v in range(int(p.low), int(p.high) + 1, int(step))]
+    return [("low", p.low), ("high", p.high)]
+
+
+def _requirements(p: Param, by_name: dict[str, Param]) -> dict[str, Any] | None:
+    """Parent values that make ``p`` active (transitively); None if no assignment does."""
+    required: dict[str, Any] = {}
+    stack = [p]
+    while stack:
+        for parent, want in stack.pop().when.items():
+            if parent in required and not _same(required[parent], want):
+                return None
+            required[parent] = want
+            stack.append(by_name[parent])
+    return required
+
+
+def _merge(*assignments: dict[str, Any] | None) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    for assignment in assignments:
+        if assignment is None:
+            return None
+        for name, value in assignment.items():
+            if name in out and not _same(out[name], value):
+                return None
+            out[name] = value
+    return out
+
+
+def _check_domain(where: str, family: str, params: tuple[Param, ...], fixed: dict[str, Any]) -> None:
+    """Refuse a space any of whose trials the family or the trainer would refuse.
+
+    1. Every declared value on its own: each fixed value, each choice, each range's
+       low and high, each default, against the field's type and bounds.
+    2. The baseline trial (the family's Config defaults projected into the space).
+    3. Every probe value of each parameter, and every pair of probe values of two
+       parameters, with the rest at the baseline and the parents set that make them
+       active: that is where rules between fields (``moe_top_k <= moe_experts``) break.
+    Rules between three or more fields are checked only where two of them vary.
+    """
+    from calotune.models.base import ConfigFieldError, check_field
+    from calotune.models.registry import ParamError, check_param, config_fields, validate_params
+
+    def check_value(key: str, name: str, value: Any) -> None:
+        try:
+            if name in TRAINER_PARAMS:
+                check_field(TrainerConfig, name, value)
+            else:
+                check_param(family, name, value)
+        except ConfigFieldError as exc:
+            raise _fail(where, key, str(exc)) from None
+        except ParamError as exc:
+            raise _fail(where, key, exc.reason) from None
+
+    for name, value in fixed.items():
+        check_value(f"fixed.{name}", name, value)
+    for p in params:
+        declared = ([(f"choices[{i}]", c) for i, c in enumerate(p.choices)] if p.type == "categorical"
+                    else [("low", p.low), ("high", p.high)])
+        for label, value in [*declared, ("default", p.default)]:
+            if value is not None:
+                check_value(f"params.{p.name}.{label}", p.name, value)
+
+    model_defaults = {n: f.default for n, f in config_fields(family).items()}
+    by_name = {p.name: p for p in params}
+    baseline_all = {p.name: p.project(p.default if p.default is not None else model_defaults.get(p.name))
+                    for p in params}
+    seen: set[tuple] = set()
+
+    def refused(chosen: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+        """The trial point that ``chosen`` leads to, and the family's reason to refuse it."""
+        point: dict[str, Any] = {}
+        for p in params:
+            if p.active(point):
+                point[p.name] = chosen.get(p.name, baseline_all[p.name])
+        if any(name not in point for name in chosen):
+            return None  # these values never occur together in one trial
+        signature = tuple((k, type(v).__name__, v) for k, v in point.items())
+        if signature in seen:
+            return None
+        seen.add(signature)
+        values = {**fixed, **point}
+        try:
+            validate_params(family, {k: v for k, v in values.items() if k not in TRAINER_PARAMS})
+        except ParamError as exc:
+            return point, exc.reason
+        return None
+
+    bad = refused({})
+    if bad:
+        raise _fail(where, "params", f"the baseline trial (the family's Config defaults projected "
+                                     f"into the space: {bad[0]}{', fixed: ' if fixed else ''}"
+                                     f"{fixed if fixed else ''}) is refused: {bad[1]}")
+    probes = {p.name: _probes(p) for p in params}
+    requirements = {p.name: _requirements(p, by_name) for p in params}
+    sizes = [len(v) for v in probes.values()]
+    work = sum(sizes) + (sum(sizes) ** 2 - sum(n * n for n in sizes)) // 2
+    if work > MAX_DOMAIN_CHECKS:
+        raise _fail(where, "params", f"declares too many values to check every pair of them "
+                                     f"({work} configurations, at most {MAX_DOMAIN_CHECKS}); use "
+                                     f"fewer choices or parameters")
+    also = f" (with fixed {fixed})" if fixed else ""
+    for p in params:  # one parameter at a time first: its message is the simplest
+        for label, value in probes[p.name]:
+            chosen = _merge(requirements[p.name], {p.name: value})
+            bad = refused(chosen) if chosen is not None else None
+            if bad:
+                raise _fail(where, f"params.{p.name}",
+                            f"a trial with {p.name}={_show(value)} ({label}) and the rest at the "
+                            f"baseline{also} is refused: {bad[1]}")
+    for i, p in enumerate(params):
+        for q in params[i + 1:]:
+            for label_p, vp in probes[p.name]:
+                for label_q, vq in probes[q.name]:
+                    chosen = _merge(requirements[p.name], requirements[q.name], {p.name: vp, q.name: vq})
+                    bad = refused(chosen) if chosen is not None else None
+                    if bad:
+                        raise _fail(where, f"params.{p.name}, params.{q.name}",
+                                    f"a trial with {p.name}={_show(vp)} ({label_p}) and "
+                                    f"{q.name}={_show(vq)} ({label_q}){also} is refused: {bad[1]}")
 
 
 def _geometry_keys(detector_name: str) -> list[str]:

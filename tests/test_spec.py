@@ -94,6 +94,14 @@ CASES = {
                       "non-empty"),
     "bad resources": (lambda r: r["resources"].update(workers_per_trial=0), "resources.workers_per_trial",
                       "positive"),
+    "zero cpus": (lambda r: r["resources"].update(cpus_per_trial=0), "resources.cpus_per_trial", "positive"),
+    "value the family refuses": (lambda r: r.update(fixed={"dropout": 1.5}), "fixed.dropout",
+                                 "0 <= dropout < 1 must hold, but got dropout=1.5"),
+    "step that does not divide": (lambda r: r["params"]["low_rank"].update(high=15), "params.low_rank",
+                                  "`step` must divide `high - low`"),
+    "select with one objective": (lambda r: r.update(select="knee"), "select", "one"),
+    "unsafe name": (lambda r: r.update(name="../../x"), "name", "letters, digits"),
+    "too few events": (lambda r: r["data"].update(events=60), "data.events", "at least 50 events"),
     "bool for int": (lambda r: r["budget"].update(trials=True), "budget.trials", "integer"),
 }
 
@@ -123,15 +131,37 @@ def test_unknown_space_name_lists_known() -> None:
 
 
 _LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
-                    st.text(max_size=5), st.lists(st.integers(0, 3), max_size=3))
+                    st.text(max_size=5), st.lists(st.integers(0, 3), max_size=3),
+                    st.integers(), st.sampled_from([0, 1, 2, 0.0, 0.5, 1.0, 1.5, 2**53 + 1, 10**400, -1e-9]),
+                    st.sampled_from(["../x", ".x", "64", "true", "", "a" * 100, "knee", "first"]),
+                    st.dictionaries(st.sampled_from(["type", "low", "high", "step", "choices", "when",
+                                                     "default", "log"]),
+                                    st.one_of(st.integers(-3, 300), st.floats(-1, 2), st.booleans(),
+                                              st.sampled_from(["int", "float", "categorical"]),
+                                              st.lists(st.integers(-1, 9), max_size=3)), max_size=5))
 
 
-# SPEC_FUZZ_EXAMPLES=3000 for a deeper run (about 40 s); CI keeps the default.
+def _assert_runnable(spec, study) -> None:
+    """What 'ok' promises: every point the sampler can hand out builds a Config."""
+    from calotune.models.registry import config_fields, validate_params
+    from calotune.spec import TRAINER_PARAMS, TrainerConfig
+
+    defaults = {n: f.default for n, f in config_fields(spec.family).items()}
+    points = [spec.defaults(defaults)] + [spec.suggest(study.ask()) for _ in range(4)]
+    for point in points:
+        values = {**spec.fixed, **point}
+        validate_params(spec.family, {k: v for k, v in values.items() if k not in TRAINER_PARAMS})
+        TrainerConfig(**{k: v for k, v in values.items() if k in TRAINER_PARAMS})
+        assert all(values.get(k, 1) >= 1 for k in TRAINER_PARAMS)
+
+
+# SPEC_FUZZ_EXAMPLES=3000 for a deeper run (a few minutes); CI keeps the default.
 @settings(max_examples=int(os.environ.get("SPEC_FUZZ_EXAMPLES", "120")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_mutations_give_clean_errors_or_success(data: st.DataObject) -> None:
-    """Any mutation of a valid spec is either accepted or refused with a UserError."""
+    """Any mutation of a valid spec is either refused with a UserError (and nothing else) or
+    accepted, and then every trial it can produce is one the family and trainer accept."""
     raw = copy.deepcopy(_valid())
     for _ in range(data.draw(st.integers(1, 3))):
         node = raw
@@ -161,3 +191,28 @@ def test_random_mutations_give_clean_errors_or_success(data: st.DataObject) -> N
     spec.suggest(study.ask())  # an accepted spec must be usable by Optuna
     study.enqueue_trial(spec.defaults({}))  # and its baseline must be a point of the space
     spec.suggest(study.ask())
+    _assert_runnable(spec, study)
+
+
+_YAML_BITS = st.sampled_from(["&a ", "*a", "<<: ", "{", "}", "[", "]", ": ", "- ", "\n", "\n  ",
+                              "name: x\n", "seed: 2\n", "!!binary ", "!!set ", "~", "'", '"', "#",
+                              "9" * 30, "\t", ".inf", "0x10", "2024-13-45", "---\n"])
+
+
+@settings(max_examples=int(os.environ.get("SPEC_FUZZ_EXAMPLES", "120")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_yaml_text_edits_give_clean_errors_or_success(tmp_path: Path, data: st.DataObject) -> None:
+    """Edits of the file's text (anchors, duplicate keys, broken syntax): UserError or ok."""
+    text = (SPACES_DIR / "zdc_swiglu_tiny.yaml").read_text()
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(text)))
+        text = text[:at] + data.draw(_YAML_BITS) + text[at:]
+    path = tmp_path / "edited.yaml"
+    path.write_text(text)
+    try:
+        spec = load_spec(str(path))
+    except UserError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+        return
+    _assert_runnable(spec, optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calotune.models.base import Batch, GenerativeModel, StepFn
+from calotune.models.base import Batch, GenerativeModel, StepFn, bounded, check_fields
 
 DETECTORS = ("zdc",)
 
@@ -61,97 +61,76 @@ SAMPLE_CHUNK = 256
 class Config:
     """Every tunable knob of the ZDC SwiGLU family (flat names, as search spaces use)."""
 
-    noise_dim: int = 16
+    noise_dim: int = bounded(16, gt=0)
     """Latent noise size; the only source of shower-to-shower variation besides the hit
     mask, so too small a value collapses fluctuations of the energy fraction."""
-    hidden_width: int = 128
+    hidden_width: int = bounded(128, gt=0)
     """Trunk width; also the input width of the per-cell heads, whose cost scales with
     hidden_width * n_cells (3600 HCAL cells dominate the step time)."""
-    n_layers: int = 2
+    n_layers: int = bounded(2, gt=0)
     """Residual MLP blocks in the shared trunk; depth couples ECAL and HCAL features."""
-    low_rank: int = 8
+    low_rank: int = bounded(8, gt=0)
     """SwiGLU gate channels per cell (the slides' low_rank=8); cost is linear in it."""
     use_moe: bool = False
     """Add a mixture-of-experts FFN after the trunk (slides: tested on ECAL only, no gain
     yet, so it is off by default and left for the search to decide)."""
-    moe_experts: int = 4
+    moe_experts: int = bounded(4, gt=0)
     """Number of experts in the MoE-FFN."""
-    moe_top_k: int = 2
+    moe_top_k: int = bounded(2, gt=0)
     """Experts each event is routed to (the slides pick the top 2)."""
-    moe_aux_weight: float = 0.01
+    moe_aux_weight: float = bounded(0.01, ge=0)
     """Weight of the load-balancing loss; without it the router tends to use one expert."""
-    mask_loss_weight: float = 0.5
+    mask_loss_weight: float = bounded(0.5, ge=0)
     """BCE of hit probability vs real occupancy. The slides: too large makes the gate
     follow the mask and fire almost every cell; 0.5 with value 1.0 worked."""
-    value_loss_weight: float = 1.0
+    value_loss_weight: float = bounded(1.0, ge=0)
     """MSE of the value head's log-energy on real hit cells; constrains sigma's range."""
-    energy_loss_weight: float = 1.0
+    energy_loss_weight: float = bounded(1.0, ge=0)
     """Squared log-ratio of generated vs real energy (same conditions), per part and in
     total; anchors the visible fraction f (imposed exactly by the energy-conservation
     layer) and the ECAL/HCAL split."""
-    adv_loss_weight: float = 1.0
+    adv_loss_weight: float = bounded(1.0, ge=0)
     """Weight of the adversarial term; 0 turns the model into a pure regression (the
     critic is then never updated); the paired supervised losses alone pull every shower
     towards the per-condition average, so fluctuations shrink."""
-    lr_generator: float = 1e-3
+    lr_generator: float = bounded(1e-3, gt=0)
     """Adam learning rate of the generator; high because a trial has only a few epochs."""
-    lr_critic: float = 1e-3
+    lr_critic: float = bounded(1e-3, gt=0)
     """Adam learning rate of the critic."""
-    critic_steps: int = 1
+    critic_steps: int = bounded(1, gt=0)
     """Critic updates per generator update; 1 suffices with R1, each extra one costs
     about a generator forward pass plus a critic double backward."""
-    r1_weight: float = 1.0
+    r1_weight: float = bounded(1.0, ge=0)
     """R1 gradient penalty weight (gamma) on real showers; larger is smoother and slower
     to learn, too small lets the critic overpower the generator."""
-    critic_width: int = 128
+    critic_width: int = bounded(128, gt=0)
     """Critic hidden width; its first layer sees every cell."""
-    mask_straight_through: float = 0.0
+    mask_straight_through: float = bounded(0.0, ge=0, le=1)
     """Scale of the adversarial gradient that reaches the hard hit mask (straight-through
     relaxed Bernoulli). 0: which cells fire is learned from the BCE alone, which keeps
     the occupancy right; 1: the critic also shapes it, but in few-epoch runs on ZDC data
-    it drove the occupancy from 10 % to under 1 %."""
-    mask_temperature: float = 0.5
+    it drove the occupancy from 10 % to under 1 %. Bounded to [0, 1]: between no and the
+    full straight-through gradient."""
+    mask_temperature: float = bounded(0.5, gt=0)
     """Temperature of the relaxed Bernoulli behind the straight-through gradient; the
     forward pass is hard (exact zeros) at every temperature."""
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     """Dropout in the trunk blocks; rarely useful for a few-epoch GAN."""
 
     def __post_init__(self) -> None:
-        positive = {
-            "noise_dim": self.noise_dim,
-            "hidden_width": self.hidden_width,
-            "n_layers": self.n_layers,
-            "low_rank": self.low_rank,
-            "moe_experts": self.moe_experts,
-            "moe_top_k": self.moe_top_k,
-            "critic_steps": self.critic_steps,
-            "critic_width": self.critic_width,
-            "lr_generator": self.lr_generator,
-            "lr_critic": self.lr_critic,
-            "mask_temperature": self.mask_temperature,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} > 0 must hold, but got {name}={value}")
-        weights = {
-            "moe_aux_weight": self.moe_aux_weight,
-            "mask_loss_weight": self.mask_loss_weight,
-            "value_loss_weight": self.value_loss_weight,
-            "energy_loss_weight": self.energy_loss_weight,
-            "adv_loss_weight": self.adv_loss_weight,
-            "r1_weight": self.r1_weight,
-            "mask_straight_through": self.mask_straight_through,
-        }
-        for name, value in weights.items():
-            if not value >= 0:
-                raise ValueError(f"{name} >= 0 must hold, but got {name}={value}")
+        """Refuse a configuration the model cannot train, naming the rule and the value.
+
+        Per-field types and bounds are declared on the fields above (``bounded``), so that
+        calotune.spec can check a whole search space against them before Ray starts;
+        only the rule between fields is written out here.
+        """
+        check_fields(self)
+        # MoEFFN.route takes logits.topk(moe_top_k) over moe_experts experts.
         if self.moe_top_k > self.moe_experts:
             raise ValueError(
                 "moe_top_k <= moe_experts must hold, but got "
                 f"moe_top_k={self.moe_top_k}, moe_experts={self.moe_experts}"
             )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"0 <= dropout < 1 must hold, but got dropout={self.dropout}")
 
 
 class SwiGLUGate(nn.Module):
