@@ -58,7 +58,7 @@ def calotune_search(spec, ctx, splits, trials: int, concurrent: int, root: Path)
     try:
         uri = default_tracking_uri(root)
         name = f"bench-{concurrent}"
-        Tracker(uri, spec.name, root / "artifacts").start_search(name, {}, {})
+        Tracker(uri, spec.name, root / "artifacts").create_search(name, {}, {})
         tuner = make_tuner(
             spec=spec, ctx=ctx, data_ref=ray.put(splits), baseline=spec.defaults({}),
             storage_path=root / "ray", run_name=name, seed=0, trials=trials,

@@ -30,3 +30,14 @@ def trial_runs(home: Path, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     return [r for r in runs if r.data.tags.get("calotune.kind") == "trial"]
+
+
+def registered_name(space: str) -> str:
+    """The registered model a search of ``space`` registers under (one per geometry)."""
+    from calotune.detectors import get_detector
+    from calotune.spec import load_spec
+    from calotune.tracking.registry import registered_model_name
+
+    spec = load_spec(space)
+    return registered_model_name(spec.detector, get_detector(spec.detector, **spec.geometry).geometry_dict(),
+                                 get_detector(spec.detector).geometry_dict())

@@ -23,7 +23,7 @@ def test_per_shower_time_and_bookkeeping() -> None:
     assert len(synced) == 5
     assert res.n_showers == 150 and res.batch_size == 50 and res.warmup_batches == 2
     assert res.per_shower_s == pytest.approx(res.total_s / 150)
-    assert 0.01 / 50 <= res.per_shower_s < 0.5 / 50
+    assert res.per_shower_s >= 0.01 / 50  # each batch slept 10 ms; no upper bound: load only adds
     assert res.median_batch_s >= 0.01
     d = res.as_dict()
     assert d["per_shower_ms"] == pytest.approx(1e3 * res.per_shower_s)

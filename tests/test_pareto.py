@@ -10,7 +10,7 @@ import yaml
 
 from calotune.spec import SPACES_DIR
 from calotune.tuning.pareto import pareto_front, select
-from tests.helpers import mlflow_client, run_cli, trial_runs
+from tests.helpers import mlflow_client, registered_name, run_cli, trial_runs
 
 POINTS = [(0.10, 5.0), (0.20, 1.0), (0.15, 2.0), (0.30, 3.0), (0.12, 4.0)]
 MODES = ("min", "min")
@@ -62,5 +62,5 @@ def test_two_objective_search_logs_pareto_front(tmp_path: Path) -> None:
     assert {t for t, r in runs.items() if r.data.tags["calotune.pareto"] == "true"} == expected
     chosen = [row["trial"] for row in front["front"] if row["chosen"]]
     assert len(chosen) == 1
-    candidate = client.get_model_version_by_alias("zdc", "candidate")
+    candidate = client.get_model_version_by_alias(registered_name(str(space)), "candidate")
     assert candidate.run_id == runs[chosen[0]].info.run_id

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from calotune.errors import UserError
 from calotune.models.registry import build_model
 from calotune.promote import main as promote_main
 from calotune.tracking.mlflow_tracker import Tracker
+from calotune.tracking.registry import file_hash
 from calotune.tuning.worker import BEST_DIR, TrialContext, train
 from tests.helpers import mlflow_client
 
@@ -53,14 +55,14 @@ def _register(home: Path, models: dict[str, Path], *which: str) -> dict[str, str
     """Register the named models as new versions of 'zdc' (alias candidate on the last)."""
     home.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "registry-test", home / "artifacts")
-    tracker.start_search(f"search-{len(list(home.iterdir()))}", {}, {})
+    tracker.create_search(f"search-{uuid.uuid4().hex[:8]}", {}, {})
     versions = {}
     for name in which:
         run = tracker.trial_run(f"{name}-{len(versions)}", {})
         tracker.log_artifacts(run, models[name], "model")
         versions[name] = tracker.register(run, "model", "zdc", "candidate", {
             "objective": "mean_separation", "mode": "min", "data_path": str(models["data"]),
-            "split_seed": 0, "search": "test"})
+            "data_hash": file_hash(models["data"]), "split_seed": 0, "search": "test"})
     return versions
 
 

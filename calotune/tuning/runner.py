@@ -26,6 +26,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from calotune.data.splits import Splits
 from calotune.tracking.mlflow_tracker import Tracker
+from calotune.tuning.lifecycle import STOP, InterruptCallback
+from calotune.tuning.lifecycle import received_signal as received
 from calotune.tuning.worker import FAILED_KEY, TrialContext, train
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,10 @@ class FailAwareOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error and STOP.is_set():
+            # A worker that died with the interrupted driver did not fail: leave the Optuna
+            # trial open; the record says "interrupted" and the budget stays resumable.
+            return
         error = error or bool(result and FAILED_KEY in result)
         super().on_trial_complete(trial_id, None if error else result, error)
 
@@ -148,15 +154,20 @@ class MlflowTrialCallback(Callback):
 
     Runs in the driver only, so a SQLite store never sees concurrent writers. Picklable
     (Tune stores its callbacks with the experiment) by re-opening the tracker lazily.
+
+    The objectives (a trial's score) are held back while a trial runs and written once it
+    ends complete or pruned: a trial that fails at epoch 2 must not keep its epoch-1 score.
+    The per-epoch curve is logged as ``<objective>_epoch``.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, search: str, artifact_root: str,
-                 max_epochs: int) -> None:
+                 max_epochs: int, objectives: tuple[str, ...] = ()) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.search = search
         self.artifact_root = artifact_root
         self.max_epochs = max_epochs
+        self.objectives = tuple(objectives)
         self._tracker: Tracker | None = None
         self._nodes: dict[str, list[str]] = {}
 
@@ -169,7 +180,7 @@ class MlflowTrialCallback(Callback):
     def tracker(self) -> Tracker:
         if self._tracker is None:
             tracker = Tracker(self.tracking_uri, self.experiment, Path(self.artifact_root))
-            tracker.start_search(self.search, {}, {})
+            tracker.attach_search(self.search)
             self._tracker = tracker
         return self._tracker
 
@@ -189,7 +200,8 @@ class MlflowTrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.tracker.trial_run(trial.trial_id, trial.config)
         step = int(result.get("training_iteration", 0))
-        self.tracker.log_metrics(run_id, result, step=step)
+        self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k not in self.objectives},
+                                 step=step)
         node = result.get("node_id")
         if node and self._nodes.get(trial.trial_id, [None])[-1] != node:
             # A retried trial may move to another node (a lost node): keep the history.
@@ -199,12 +211,21 @@ class MlflowTrialCallback(Callback):
                                            "calotune.hostname": result.get("hostname", "unknown")})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.trial_run(trial.trial_id, trial.config)
+        run_id = self.tracker.trial_run(trial.trial_id, trial.config)
         state, reason = trial_state(trial, self.max_epochs)
+        if state != "failed":
+            last = trial.last_result or {}
+            self.tracker.log_metrics(run_id, {k: last[k] for k in self.objectives if k in last},
+                                     step=int(last.get("training_iteration", 0)))
         self.tracker.end_trial(trial.trial_id, state, reason=reason)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.trial_run(trial.trial_id, trial.config)
+        run_id = self.tracker.trial_run(trial.trial_id, trial.config)
+        if STOP.is_set():  # died with the interrupted driver (e.g. SIGTERM to the whole job)
+            self.tracker.set_tags(run_id, {"calotune.interrupted": "true",
+                                           "calotune.interrupted_by": received() or "signal"})
+            self.tracker.end_trial(trial.trial_id, "interrupted")
+            return
         self.tracker.end_trial(trial.trial_id, "failed", reason=error_text(trial))
 
 
@@ -329,7 +350,8 @@ def make_tuner(
         ),
         run_config=tune.RunConfig(
             name=run_name, storage_path=str(storage_path),
-            callbacks=[callback, ProgressCallback(metrics[0], modes[0], trials, ctx.max_epochs)],
+            callbacks=[callback, ProgressCallback(metrics[0], modes[0], trials, ctx.max_epochs),
+                       InterruptCallback()],
             # two, not one: a driver killed between deleting the older checkpoint and the next
             # experiment snapshot must still find the one that snapshot names.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

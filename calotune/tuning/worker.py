@@ -32,7 +32,7 @@ from calotune.models.base import Batch
 from calotune.models.registry import build_model
 from calotune.sampling import generate
 from calotune.showers import ShowerSet
-from calotune.spec import TRAINER_PARAMS
+from calotune.spec import TRAINER_PARAMS, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _train(
     detector = get_detector(ctx.detector, **ctx.geometry)
     model_params = {**{k: v for k, v in ctx.fixed.items() if k not in TRAINER_PARAMS},
                     **{k: v for k, v in params.items() if k not in TRAINER_PARAMS}}
-    batch_size = int(params.get("batch_size", ctx.fixed.get("batch_size", 128)))
+    batch_size = int(params.get("batch_size", ctx.fixed.get("batch_size", TrainerConfig().batch_size)))
     model = build_model(ctx.family, model_params, detector).to(device)
     if world_size > 1:  # identical start on every rank
         for tensor in model.state_dict().values():
@@ -203,7 +203,9 @@ def _train(
                     metrics["node_id"] = _node_id()
                     value = objective_value(metrics, metric)
                     for other, _ in ctx.objectives[1:]:
-                        objective_value(metrics, other)
+                        # the per-epoch curve; the name itself is the trial's score, which
+                        # the tracker records only for a trial that did not fail
+                        metrics[f"{other}_epoch"] = objective_value(metrics, other)
                     # One objective: keep the best epoch (ASHA and TPE see the running best).
                     # Several: the trade-off is the final model's, so it is always the latest.
                     if sign * value < best or multi:
@@ -249,6 +251,43 @@ def _train_epoch(model, optimizers, step, cond, cells, order: np.ndarray, batch_
 FAULT_ENV = "CALOTUNE_FAULT"
 
 
+_FAULT_KEYS = {"kind": str, "epoch": int, "param": str, "above": (int, float), "once_file": str}
+_FAULT_KINDS = ("nan", "raise", "exit")
+
+
+def parse_fault(text: str | None) -> dict[str, Any] | None:
+    """``$CALOTUNE_FAULT`` checked: None when unset; UserError naming the variable if malformed.
+
+    The search calls this before anything starts, so a typo fails the command with one
+    line instead of failing every trial with a JSON traceback.
+    """
+    from calotune.errors import UserError
+
+    if text is None or not text.strip():
+        return None
+    example = '{"kind": "nan", "epoch": 2}'
+    try:
+        fault = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{FAULT_ENV}={text!r}: not JSON ({exc.msg}); e.g. {FAULT_ENV}='{example}', "
+                        f"or unset it") from None
+    if not isinstance(fault, dict):
+        raise UserError(f"{FAULT_ENV}={text!r}: must be a JSON object, e.g. '{example}'")
+    unknown = sorted(set(fault) - set(_FAULT_KEYS))
+    if unknown:
+        raise UserError(f"{FAULT_ENV}: unknown key(s) {unknown}; allowed: {sorted(_FAULT_KEYS)}")
+    if fault.get("kind") not in _FAULT_KINDS:
+        raise UserError(f"{FAULT_ENV}: kind must be one of {', '.join(_FAULT_KINDS)}, but got "
+                        f"{fault.get('kind')!r}")
+    for key, kind in _FAULT_KEYS.items():
+        value = fault.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise UserError(f"{FAULT_ENV}: {key} has the wrong type ({value!r})")
+    if int(fault.get("epoch", 1)) < 1:
+        raise UserError(f"{FAULT_ENV}: epoch must be >= 1, but got {fault['epoch']}")
+    return fault
+
+
 def inject_fault(model: torch.nn.Module, params: dict[str, Any], epoch: int) -> None:
     """Chaos testing: fail on purpose when ``$CALOTUNE_FAULT`` asks for it.
 
@@ -257,10 +296,9 @@ def inject_fault(model: torch.nn.Module, params: dict[str, Any], epoch: int) -> 
     worker process (an infrastructure fault; with ``"once_file"`` only the first time).
     Unset in normal use; the resilience tests set it.
     """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    if fault is None:
         return
-    fault = json.loads(spec)
     if epoch != int(fault.get("epoch", 1)):
         return
     if "param" in fault and not float(params.get(fault["param"], -math.inf)) > float(fault.get("above", -math.inf)):
