@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from calotune.models.base import GenerativeModel
 from calotune.showers import ShowerSet
+
+
+def generate_batches(
+    model: GenerativeModel,
+    condition_batches: Iterable[dict[str, np.ndarray]],
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[ShowerSet, float]]:
+    """Showers for each batch of conditions, one batch at a time, with the batch's sampling time (s).
+
+    One generator runs through all batches, so the showers are the same whether the
+    caller keeps them (:func:`generate`) or streams them to disk batch by batch and
+    holds one batch in memory (``python -m calotune.generate``).
+    """
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for conditions in condition_batches:
+        batch = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in conditions.items()}
+        t0 = time.perf_counter()
+        out = model.sample(batch, generator=gen)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        cells = {name: c.float().cpu().numpy().astype(np.float32, copy=False) for name, c in out.items()}
+        yield (
+            ShowerSet(conditions={k: np.asarray(v, dtype=np.float32) for k, v in conditions.items()}, cells=cells),
+            elapsed,
+        )
 
 
 def generate(
@@ -24,23 +54,16 @@ def generate(
     The time covers the model's ``sample`` calls only (batch size as given), which is the
     figure the CaloChallenge reports as generation time per shower.
     """
-    model.eval()
     n = len(conditions["energy"])
-    gen = torch.Generator(device=device).manual_seed(seed)
+    batches = (
+        {k: v[start : start + batch_size] for k, v in conditions.items()} for start in range(0, n, batch_size)
+    )
     parts: dict[str, list[np.ndarray]] = {}
     elapsed = 0.0
-    for start in range(0, n, batch_size):
-        batch = {
-            k: torch.as_tensor(v[start : start + batch_size], dtype=torch.float32, device=device)
-            for k, v in conditions.items()
-        }
-        t0 = time.perf_counter()
-        out = model.sample(batch, generator=gen)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - t0
-        for name, cells in out.items():
-            parts.setdefault(name, []).append(cells.float().cpu().numpy())
+    for showers, seconds in generate_batches(model, batches, seed=seed, device=device):
+        elapsed += seconds
+        for name, cells in showers.cells.items():
+            parts.setdefault(name, []).append(cells)
     cells = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
     showers = ShowerSet(
         conditions={k: np.asarray(v, dtype=np.float32) for k, v in conditions.items()}, cells=cells

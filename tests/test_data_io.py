@@ -256,6 +256,11 @@ def _cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_cli_synth_then_check(tmp_path: Path) -> None:
     out = tmp_path / "cli" / "zdc.h5"
+    # --out in a folder that does not exist is refused before any work (a typo'd path
+    # must not silently create a tree); once the folder exists the same command works
+    missing = _cli("synth", "zdc", "--events", "40", "--seed", "3", "--out", out, cwd=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and not out.parent.exists()
+    out.parent.mkdir()
     synth = _cli(
         "synth",
         "zdc",

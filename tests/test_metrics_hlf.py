@@ -102,12 +102,29 @@ def test_high_level_vector_layout() -> None:
     h = compute_hlf(tiny_shower(), np.array([10.0]), TINY)
     v = h.high_level_vector()
     # 1 (E_inc) + 2 (E_layer) + 4 x 1 (EC/width eta/phi) + 1 (E_tot) + 2 (sparsity)
-    assert v.shape == (1, 10)
+    # + 2 (EC_r) + 2 (width_r): the official vector since November 2023
+    assert v.shape == (1, 14)
+    assert v.dtype == np.float64
     assert v[0, 0] == pytest.approx(1.0)  # log10(10)
     assert v[0, 1] == pytest.approx(math.log10(4.0 + 1e-8))
     assert v[0, 3] == pytest.approx(h.ec_eta[0, 0] / 100)
     assert v[0, 7] == pytest.approx(math.log10(8.0 + 1e-8))
-    np.testing.assert_allclose(v[0, 8:], [0.0, 0.75])
+    np.testing.assert_allclose(v[0, 8:10], [0.0, 0.75])
+    np.testing.assert_allclose(v[0, 10:12], h.ec_r[0] / 100)
+    np.testing.assert_allclose(v[0, 12:14], h.width_r[0] / 100)
+
+
+def test_sums_are_done_in_the_shower_dtype() -> None:
+    """E_layer / E_tot are summed in the showers' dtype, as the challenge code does."""
+    x = np.random.default_rng(1).exponential(1.0, size=(50, TINY.n_voxels)).astype(np.float32)
+    h = compute_hlf(x, np.full(50, 10.0, np.float32), TINY)
+    assert h.e_layer.dtype == np.float32 and h.e_tot.dtype == np.float32
+    xt = apply_threshold(x, TINY.threshold_mev)
+    np.testing.assert_array_equal(h.e_tot, xt.sum(axis=-1))
+    np.testing.assert_array_equal(h.e_layer[:, 1], xt[:, 2:].sum(axis=-1))
+    bins = challenge_bins(TINY, h)
+    top = np.float32(h.e_layer[:, 1].max())
+    assert bins["e_layer"][1][-1] == 10.0 ** np.float64(np.log10(top))
 
 
 def test_subset_keeps_rows() -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from calotune.data.cache import synth_limits
+from calotune.data.hdf5 import check_output
 from calotune.detectors import detector_names, get_detector
 from calotune.errors import UserError
 
@@ -64,6 +66,8 @@ def _synth(args: argparse.Namespace) -> None:
     detector = get_detector(args.detector, **_geometry_overrides(args.set))
     if args.events < 1:
         raise UserError(f"--events must be >= 1, got {args.events}")
+    check_output(args.out, "--out")
+    synth_limits(detector, args.events, args.out)
     # only the options the user gave: other detectors may not know "particle" or "mode"
     options = {k: v for k in ("particle", "mode") if (v := getattr(args, k)) is not None}
     start = time.perf_counter()
@@ -110,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return UserError.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
     return 0
 
 

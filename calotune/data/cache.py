@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from calotune.data.hdf5 import available_memory, check_free_space
 from calotune.detectors.base import Detector
+from calotune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,31 @@ def cache_name(detector: Detector, n_events: int, seed: int, **options: Any) -> 
     return f"{detector.name}-g{geometry}-n{n_events}-s{seed}{readable}-o{opts}.h5"
 
 
+#: synthesis holds every event in memory, plus temporaries and the checks before writing.
+SYNTH_MEMORY_FACTOR = 2
+
+
+def synth_limits(detector: Detector, n_events: int, out: Path, flag: str = "--events") -> None:
+    """Refuse a synthetic sample that cannot fit in memory or on disk, giving the limit.
+
+    A detector's synthesis draws all events from one random stream (so a seed names
+    one sample), which is why it cannot be streamed in independent chunks; the honest
+    alternative to an OOM kill an hour later is to say up front how many events fit.
+    """
+    row_bytes = 4 * (len(detector.conditions) + sum(detector.part_sizes.values()))
+    need = n_events * row_bytes * SYNTH_MEMORY_FACTOR
+    free = available_memory()
+    if need > free:
+        most = free // (row_bytes * SYNTH_MEMORY_FACTOR)
+        raise UserError(
+            f"{flag} {n_events}: {detector.name} synthesis holds every event in memory, about "
+            f"{need / 2**30:,.2f} GiB, but only {free / 2**30:,.2f} GiB is available; at most {most} events "
+            "fit; write several files with different --seed"
+        )
+    check_free_space(out, n_events * row_bytes + (1 << 20), f"{flag} {n_events}",
+                     "lower --events or choose --out on a larger disk")
+
+
 def cached_synthetic(detector: Detector, n_events: int, seed: int, cache_dir: Path, **options: Any) -> Path:
     """Path of ``detector.synthesize(n_events, seed, **options)`` written under ``cache_dir``.
 
@@ -52,6 +79,7 @@ def cached_synthetic(detector: Detector, n_events: int, seed: int, cache_dir: Pa
     if path.exists():
         log.debug("re-using cached synthetic sample %s", path)
         return path
+    synth_limits(detector, n_events, path, flag="synthetic events")
     start = time.perf_counter()
     showers = detector.synthesize(n_events, seed, **options)
     detector.write(path, showers)

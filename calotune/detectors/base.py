@@ -7,8 +7,11 @@ detector is one new file plus one registry line.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from calotune.showers import ShowerSet
 
@@ -42,12 +45,24 @@ class Detector(ABC):
         """Synthetic reference showers (parametrised, physics.md section 7)."""
 
     @abstractmethod
-    def read(self, path: Path) -> ShowerSet:
-        """Read and validate an HDF5 file; raise UserError naming file and key."""
+    def read(self, path: Path, max_events: int | None = None) -> ShowerSet:
+        """Read and validate an HDF5 file (its first ``max_events`` rows if given); raise
+        UserError naming file and key. Files are untrusted: use calotune.data.hdf5's checked
+        path, which bounds memory and turns every h5py failure into a UserError."""
+
+    @abstractmethod
+    def read_conditions(self, path: Path, max_events: int | None = None) -> dict[str, np.ndarray]:
+        """Only the conditions of a file (``generate --conditions`` needs no cells)."""
 
     @abstractmethod
     def write(self, path: Path, showers: ShowerSet) -> None:
-        """Write an HDF5 file in this detector's documented layout."""
+        """Write an HDF5 file in this detector's documented layout, atomically."""
+
+    @abstractmethod
+    def write_stream(self, path: Path, batches: Iterable[ShowerSet], attrs: dict[str, Any] | None = None) -> int:
+        """Write batches as they come (memory bounded by one batch), atomically; the file is
+        read back by :meth:`read` exactly as :meth:`write` would have written it. Returns
+        the number of events written."""
 
     @abstractmethod
     def objectives(self) -> dict[str, str]:

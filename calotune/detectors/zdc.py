@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from typing import Any
 import numpy as np
 from scipy.special import gammainc
 
-from calotune.data.hdf5 import atomic_write, open_checked, read_attrs, read_dataset, require_keys
+from calotune.data.hdf5 import (
+    StreamWriter,
+    atomic_write,
+    check_dataset,
+    open_checked,
+    read_attrs,
+    read_dataset,
+    require_keys,
+)
 from calotune.detectors.base import Detector
 from calotune.errors import UserError
 from calotune.showers import ShowerSet
@@ -472,7 +481,7 @@ class ZDC(Detector):
         """The fields where the file's 'geometry' attribute disagrees with ours, as text."""
         try:
             theirs = json.loads(str(attrs.get("geometry", "{}")))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             log.warning("%s: attribute 'geometry' is not JSON; ignoring it", path)
             return ""
         ours = self.geometry_dict()
@@ -488,28 +497,45 @@ class ZDC(Detector):
             "hcal": f"the zdc geometry has {g.n_hcal} ({g.hcal_nx} x {g.hcal_ny} x {g.hcal_nz}){hint}",
         }
 
-    def read(self, path: Path) -> ShowerSet:
+    def _open_layout(self, f: Any, path: Path) -> tuple[dict[str, Any], dict[str, str], str]:
+        """Check keys and the 'detector' attribute of an open file; (attrs, layouts, diff)."""
+        require_keys(f, path, [*self.condition_keys.values(), *self.parts], "a zdc file")
+        attrs = read_attrs(f, path)
+        owner = attrs.get("detector", self.name)
+        if owner != self.name:
+            raise UserError(
+                f"{path}: attribute 'detector' is {owner!r} but this reader is "
+                f"for 'zdc'; pass --detector {owner} or the right file"
+            )
+        diff = self._geometry_diff(path, attrs)
+        return attrs, self._layouts(diff), diff
+
+    def _read_conditions(self, f: Any, path: Path, max_events: int | None) -> tuple[dict[str, np.ndarray], dict]:
+        """The condition datasets (first ``max_events`` rows) and the row-count check for the rest."""
+        one = {"width": 1, "unit": "values", "layout": "it must have 1 (shape (N, 1))"}
+        _, (n_declared, _) = check_dataset(f, "incident_energies", path, **one)
+        energy = read_dataset(f, "incident_energies", path, strict=True, max_rows=max_events, **one)[:, 0]
+        rows = {"n_events": n_declared, "events_key": "incident_energies"}
+        conditions = {"energy": energy}
+        for cond in ("theta", "phi"):
+            key = self.condition_keys[cond]
+            conditions[cond] = read_dataset(f, key, path, minimum=None, max_rows=max_events, **one, **rows)[:, 0]
+        return conditions, rows
+
+    def read(self, path: Path, max_events: int | None = None) -> ShowerSet:
+        """Read and check a zdc file (every check in :mod:`calotune.data.hdf5`).
+
+        ``max_events`` reads only the first N events, so a large file can be sampled
+        without loading it whole.
+        """
         path = Path(path)
         with open_checked(path) as f:
-            require_keys(f, path, [*self.condition_keys.values(), *self.parts], "a zdc file")
-            attrs = read_attrs(f)
-            owner = attrs.get("detector", self.name)
-            if owner != self.name:
-                raise UserError(
-                    f"{path}: attribute 'detector' is {owner!r} but this reader is "
-                    f"for 'zdc'; pass --detector {owner} or the right file"
-                )
-            diff = self._geometry_diff(path, attrs)
-            layouts = self._layouts(diff)
-            one = {"width": 1, "unit": "values", "layout": "it must have 1 (shape (N, 1))"}
-            energy = read_dataset(f, "incident_energies", path, strict=True, **one)[:, 0]
-            rows = {"n_events": len(energy), "events_key": "incident_energies"}
-            conditions = {"energy": energy}
-            for cond in ("theta", "phi"):
-                key = self.condition_keys[cond]
-                conditions[cond] = read_dataset(f, key, path, minimum=None, **one, **rows)[:, 0]
+            attrs, layouts, diff = self._open_layout(f, path)
+            conditions, rows = self._read_conditions(f, path, max_events)
             cells = {
-                part: read_dataset(f, part, path, width=self.part_sizes[part], layout=layouts[part], **rows)
+                part: read_dataset(
+                    f, part, path, width=self.part_sizes[part], layout=layouts[part], max_rows=max_events, **rows
+                )
                 for part in self.parts
             }
         if diff:
@@ -520,7 +546,22 @@ class ZDC(Detector):
             )
         return ShowerSet(conditions=conditions, cells=cells, attrs=attrs)
 
-    def write(self, path: Path, showers: ShowerSet) -> None:
+    def read_conditions(self, path: Path, max_events: int | None = None) -> dict[str, np.ndarray]:
+        """Only the per-event conditions of a zdc file, after checking its whole layout.
+
+        Generation from a reference's conditions needs no cells; skipping them keeps
+        memory at a few bytes per event however large the reference is.
+        """
+        path = Path(path)
+        with open_checked(path) as f:
+            _, layouts, _ = self._open_layout(f, path)
+            conditions, rows = self._read_conditions(f, path, max_events)
+            for part in self.parts:
+                check_dataset(f, part, path, width=self.part_sizes[part], layout=layouts[part], **rows)
+        return conditions
+
+    def _datasets(self, showers: ShowerSet) -> dict[str, np.ndarray]:
+        """The HDF5 datasets of ``showers`` in the documented layout, checked."""
         n = len(showers)
         datasets: dict[str, np.ndarray] = {}
         for cond, key in self.condition_keys.items():
@@ -537,8 +578,25 @@ class ZDC(Detector):
                     "clip generated showers at 0 before writing"
                 )
             datasets[part] = cells
-        attrs = {**showers.attrs, "detector": self.name, "geometry": json.dumps(self.geometry_dict(), sort_keys=True)}
-        atomic_write(path, datasets, attrs)
+        return datasets
+
+    def _file_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        return {**attrs, "detector": self.name, "geometry": json.dumps(self.geometry_dict(), sort_keys=True)}
+
+    def write(self, path: Path, showers: ShowerSet) -> None:
+        """Write ``showers`` atomically (UserError naming the file if the disk refuses)."""
+        atomic_write(path, self._datasets(showers), self._file_attrs(showers.attrs))
+
+    def write_stream(self, path: Path, batches: Iterable[ShowerSet], attrs: dict[str, Any] | None = None) -> int:
+        """Write showers batch by batch into one file; memory is one batch. Returns the count.
+
+        The file is the same layout :meth:`write` produces and :meth:`read` reads, and
+        appears under ``path`` only once every batch is written.
+        """
+        with StreamWriter(path, self._file_attrs(dict(attrs or {}))) as writer:
+            for batch in batches:
+                writer.append(self._datasets(batch))
+        return writer.rows
 
     def objectives(self) -> dict[str, str]:
         from calotune.metrics.zdc import ZDC_OBJECTIVES

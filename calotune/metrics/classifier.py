@@ -163,9 +163,11 @@ def high_level_inputs(features: HighLevelFeatures, relative: bool = False) -> np
     x = features.high_level_vector()
     if relative:
         n_layers = features.e_layer.shape[1]
+        n_alpha = features.ec_eta.shape[1]
         log_e_inc = x[:, :1]
         x[:, 1:1 + n_layers] -= log_e_inc
-        x[:, -n_layers - 1] -= log_e_inc[:, 0]
+        # E_tot follows E_inc, E_layer and the four eta/phi blocks (see high_level_vector)
+        x[:, 1 + n_layers + 4 * n_alpha] -= log_e_inc[:, 0]
     return x.astype(np.float32)
 
 

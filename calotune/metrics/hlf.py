@@ -113,6 +113,10 @@ class Binning:
         (+-limit) and width eta/phi ([0, limit]); ec_r_limit_mm / width_r_limit_mm the
         range of EC_r and width_r. Empty tuples -> derived from the radial extent
         (see :meth:`limits`).
+    energy_ranges_mev / etot_einc_ranges: datasets with discrete incident energies
+        (ds1) get one E_tot / E_inc histogram per energy: events with
+        low <= E_inc < high, histogrammed on 20 equal bins over the matching
+        (low, high) of ``etot_einc_ranges``. Empty -> no per-energy histograms.
     """
 
     layers: tuple[Layer, ...]
@@ -122,6 +126,8 @@ class Binning:
     width_limit_mm: tuple[float, ...] = ()
     ec_r_limit_mm: tuple[float, ...] = ()
     width_r_limit_mm: tuple[float, ...] = ()
+    energy_ranges_mev: tuple[tuple[float, float], ...] = ()
+    etot_einc_ranges: tuple[tuple[float, float], ...] = ()
     _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +142,13 @@ class Binning:
             object.__setattr__(self, name, value)
             if value and len(value) != len(layers):
                 raise ValueError(f"{name} has {len(value)} entries for {len(layers)} layers")
+        ranges = tuple((float(a), float(b)) for a, b in self.energy_ranges_mev)
+        hist_ranges = tuple((float(a), float(b)) for a, b in self.etot_einc_ranges)
+        object.__setattr__(self, "energy_ranges_mev", ranges)
+        object.__setattr__(self, "etot_einc_ranges", hist_ranges)
+        if len(ranges) != len(hist_ranges):
+            raise ValueError(f"{len(ranges)} energy_ranges_mev for {len(hist_ranges)} "
+                             "etot_einc_ranges")
         offsets = np.concatenate([[0], np.cumsum([lay.n_voxels for lay in layers])])
         object.__setattr__(self, "_offsets", tuple(int(o) for o in offsets))
 
@@ -227,10 +240,13 @@ class HighLevelFeatures:
         """The challenge's high-level classifier input, also the FPD/KPD feature vector.
 
         [log10 E_inc, log10(E_layer + 1e-8), EC_eta / 100, EC_phi / 100, width_eta / 100,
-        width_phi / 100 (alpha-binned layers), log10(E_tot + 1e-8), sparsity]
-        (physics.md sections 4 and 5; CaloChallenge ``prepare_high_data_for_classifier``).
-        The 1e-8 keeps empty layers finite; r features are not part of the challenge's
-        vector and are left out so that FPD values stay comparable with published ones.
+        width_phi / 100 (alpha-binned layers), log10(E_tot + 1e-8), sparsity,
+        EC_r / 100, width_r / 100] (physics.md sections 4 and 5; CaloChallenge
+        ``prepare_high_data_for_classifier``, with the r columns it has had since
+        November 2023: 30 columns for ds1-photons, 362 for ds2/ds3). FPD/KPD values
+        (arXiv 2211.10295, as used in arXiv 2410.21611) are only comparable with published
+        ones on exactly this vector. The logarithms are taken in the dtype the energies
+        were computed in, as the challenge code does; the 1e-8 keeps empty layers finite.
         """
         return np.concatenate(
             [
@@ -242,17 +258,35 @@ class HighLevelFeatures:
                 self.width_phi / 1e2,
                 np.log10(self.e_tot + 1e-8)[:, None],
                 self.sparsity,
+                self.ec_r / 1e2,
+                self.width_r / 1e2,
             ],
             axis=1,
-        )
+        ).astype(np.float64, copy=False)
 
 
 def _centre_and_width(x: np.ndarray, energy: np.ndarray, e_sum: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Energy-weighted mean and spread of coordinate x; the clip guards rounding below 0."""
-    mean = energy @ x / (e_sum + EPS)
-    second = energy @ (x * x) / (e_sum + EPS)
-    return mean, np.sqrt(np.clip(second - mean * mean, 0.0, None))
+    """Energy-weighted mean and spread of coordinate x; the clip guards rounding below 0.
+
+    The operations and their order are those of the challenge's ``HighLevelFeatures``
+    (element-wise products summed per event, the denominator summed in the shower dtype
+    plus 1e-16) so that values on a histogram edge fall into the same bin as there.
+    """
+    denominator = e_sum + EPS
+    mean = (x * energy).sum(axis=-1) / denominator
+    second = (x * x * energy).sum(axis=-1) / denominator
+    return mean, np.sqrt((second - mean**2).clip(min=0.0))
+
+
+def _work_dtype(x: np.ndarray) -> np.dtype:
+    """The dtype the energy sums are done in: the data's own if float32/float64.
+
+    The challenge evaluation sums E_layer and E_tot in the file's dtype; doing the same
+    keeps every sum bit-identical, which matters for the event that defines the top
+    edge of the log E_layer binning (an off-by-one-ulp maximum moves it out of range).
+    """
+    return x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
 
 
 def compute_hlf(showers: np.ndarray, energy: np.ndarray, binning: Binning) -> HighLevelFeatures:
@@ -264,18 +298,24 @@ def compute_hlf(showers: np.ndarray, energy: np.ndarray, binning: Binning) -> Hi
         binning: the geometry.
 
     Returns:
-        :class:`HighLevelFeatures`, float64 arrays.
+        :class:`HighLevelFeatures`. E_inc, E_tot and E_layer keep the showers' dtype
+        (float32 or float64; anything else becomes float64), because the challenge code
+        (arXiv 2410.21611, ``HighLevelFeatures.CalculateFeatures``) sums in the file's
+        dtype; centres, widths and sparsity are float64 as there.
     """
     x = np.asarray(showers)
     if x.ndim != 2 or x.shape[1] != binning.n_voxels:
         raise ValueError(f"showers must be (N, {binning.n_voxels}), got {x.shape}")
-    e_inc = np.asarray(energy, dtype=np.float64).reshape(-1)
+    dtype = _work_dtype(x)
+    x = x.astype(dtype, copy=False)
+    e_inc = np.asarray(energy)
+    e_inc = e_inc.astype(_work_dtype(e_inc), copy=False).reshape(-1)
     if len(e_inc) != len(x):
         raise ValueError(f"{len(e_inc)} energies for {len(x)} showers")
     x = apply_threshold(x, binning.threshold_mev)
     n, n_layers = len(x), binning.n_layers
     n_alpha_layers = len(binning.alpha_layers)
-    e_layer = np.empty((n, n_layers))
+    e_layer = np.empty((n, n_layers), dtype=dtype)
     sparsity = np.empty((n, n_layers))
     ec_r = np.empty((n, n_layers))
     width_r = np.empty((n, n_layers))
@@ -285,10 +325,10 @@ def compute_hlf(showers: np.ndarray, energy: np.ndarray, binning: Binning) -> Hi
     width_phi = np.empty((n, n_alpha_layers))
     column = 0
     for i, layer in enumerate(binning.layers):
-        block = x[:, binning.layer_slice(i)].astype(np.float64)
-        e_sum = block.sum(axis=1)
+        block = x[:, binning.layer_slice(i)]
+        e_sum = block.sum(axis=-1)
         e_layer[:, i] = e_sum
-        sparsity[:, i] = 1.0 - (block > 0).mean(axis=1)
+        sparsity[:, i] = 1.0 - (block > 0).mean(axis=-1)
         r, eta, phi = layer.voxel_coordinates()
         ec_r[:, i], width_r[:, i] = _centre_and_width(r, block, e_sum)
         if layer.n_alpha > 1:
@@ -297,7 +337,9 @@ def compute_hlf(showers: np.ndarray, energy: np.ndarray, binning: Binning) -> Hi
             column += 1
     return HighLevelFeatures(
         e_inc=e_inc,
-        e_tot=e_layer.sum(axis=1),
+        # summed over all voxels at once, as the challenge does (not the sum of E_layer,
+        # which rounds differently in float32)
+        e_tot=x.sum(axis=-1),
         e_layer=e_layer,
         sparsity=sparsity,
         ec_eta=ec_eta,
@@ -315,18 +357,30 @@ def voxel_spectrum_values(showers: np.ndarray, threshold_mev: float) -> np.ndarr
     """Energies of the voxels at or above threshold, flattened (what the spectrum shows).
 
     Zero voxels fall below the challenge's log binning and would be dropped by its
-    histogram anyway; selecting them out here keeps memory and time small for ds3.
+    histogram anyway; selecting them out here keeps memory and time small for ds3. The
+    values keep the showers' dtype (see :func:`_work_dtype`).
     """
     x = np.asarray(showers)
-    return x[(x >= threshold_mev) & (x > 0)].astype(np.float64)
+    return x[(x >= threshold_mev) & (x > 0)].astype(_work_dtype(x), copy=False)
 
 
-def _log_edges(low: float, high: float, n_edges: int) -> np.ndarray:
-    """Log-spaced edges, robust to an empty reference (max <= threshold)."""
+def _log_edges(low: float, high: float, n_edges: int,
+               dtype: np.dtype | type = np.float64) -> np.ndarray:
+    """``logspace(log10(low), log10(high), n)`` with log10(high) taken in ``dtype``.
+
+    The challenge code takes log10 of the reference maximum in the file's dtype (a
+    float32 log10 rounds the top edge by up to ~1e-7 relative), so the event that sets
+    the maximum is inside or outside the last bin exactly as there. Robust to an empty
+    reference (max <= low).
+    """
     low = max(low, 1e-6)
     if not high > low:
         high = 10.0 * low
-    return np.logspace(np.log10(low), np.log10(high), n_edges)
+    return np.logspace(np.log10(low), np.log10(np.dtype(dtype).type(high)), n_edges)
+
+
+#: ds1 per-energy E_tot / E_inc histograms have 20 bins (challenge helper functions).
+ETOT_EINC_PER_ENERGY_EDGES = 21
 
 
 def challenge_bins(binning: Binning, reference: HighLevelFeatures,
@@ -334,15 +388,18 @@ def challenge_bins(binning: Binning, reference: HighLevelFeatures,
     """The CaloChallenge histogram binnings (physics.md section 3), fixed by the reference.
 
     Returns feature -> list of edge arrays, one per column of that feature (one per layer,
-    or per alpha-binned layer for eta/phi; one entry for E_tot/E_inc and voxel_energy).
+    or per alpha-binned layer for eta/phi; one entry for E_tot/E_inc and voxel_energy; one
+    per discrete incident energy for "etot_einc_per_energy").
     Fixing edges from the reference once means every generated sample (and the
-    reference-vs-reference floor) is scored on identical bins.
+    reference-vs-reference floor) is scored on identical bins. The log edges take the
+    reference maximum in the reference's energy dtype, as the challenge code does.
     """
     thr = binning.threshold_mev
     floor = thr if thr > 0 else 1e-3
+    dtype = reference.e_layer.dtype
     bins: dict[str, list[np.ndarray]] = {"etot_einc": [np.linspace(0.5, 1.5, 101)]}
     bins["e_layer"] = [
-        _log_edges(floor, float(reference.e_layer[:, i].max(initial=0.0)), 40)
+        _log_edges(floor, reference.e_layer[:, i].max(initial=0.0), 40, dtype)
         for i in range(binning.n_layers)
     ]
     lim = [binning.limits(i) for i in range(binning.n_layers)]
@@ -354,9 +411,32 @@ def challenge_bins(binning: Binning, reference: HighLevelFeatures,
     bins["ec_r"] = [np.linspace(0.0, lim[i][2], 101) for i in range(binning.n_layers)]
     bins["width_r"] = [np.linspace(0.0, lim[i][3], 101) for i in range(binning.n_layers)]
     bins["sparsity"] = [np.linspace(0.0, 1.0, 21) for _ in range(binning.n_layers)]
+    if binning.energy_ranges_mev:
+        bins["etot_einc_per_energy"] = [
+            np.linspace(lo, hi, ETOT_EINC_PER_ENERGY_EDGES) for lo, hi in binning.etot_einc_ranges
+        ]
     if voxel_max is not None:
-        bins["voxel_energy"] = [_log_edges(floor, voxel_max, 50)]
+        bins["voxel_energy"] = [_log_edges(floor, voxel_max, 50, dtype)]
     return bins
+
+
+def _per_energy_separation(reference: HighLevelFeatures, generated: HighLevelFeatures,
+                           ranges: Sequence[tuple[float, float]],
+                           edges: Sequence[np.ndarray]) -> list[float]:
+    """<S^2> of E_tot / E_inc per incident-energy range (ds1's 15 discrete energies).
+
+    An energy with no event (or nothing in range) on either side gives NaN, as the
+    challenge's density histogram does, rather than a made-up 0 or 1.
+    """
+    out = []
+    for (lo, hi), e in zip(ranges, edges, strict=True):
+        ref_sel = (reference.e_inc >= lo) & (reference.e_inc < hi)
+        gen_sel = (generated.e_inc >= lo) & (generated.e_inc < hi)
+        ref_v = reference.etot_einc[ref_sel]
+        gen_v = generated.etot_einc[gen_sel]
+        in_range = [np.count_nonzero((v >= e[0]) & (v <= e[-1])) for v in (ref_v, gen_v)]
+        out.append(separation_power(ref_v, gen_v, e) if min(in_range) > 0 else float("nan"))
+    return out
 
 
 def separation_powers(
@@ -365,13 +445,15 @@ def separation_powers(
     bins: dict[str, list[np.ndarray]],
     reference_voxels: np.ndarray | None = None,
     generated_voxels: np.ndarray | None = None,
+    energy_ranges_mev: Sequence[tuple[float, float]] = (),
 ) -> dict[str, list[float]]:
     """Separation power (arXiv 2009.03796 eq. 15) of every HLF histogram.
 
     Out-of-range values are dropped, as the challenge's ``np.histogram`` does, so that
     numbers are comparable with published ones. ``*_voxels`` are the outputs of
     :func:`voxel_spectrum_values`; the voxel spectrum is scored only when both are given
-    and ``bins`` has a "voxel_energy" entry.
+    and ``bins`` has a "voxel_energy" entry. ``energy_ranges_mev`` (``Binning``'s) adds
+    the ds1 per-energy E_tot / E_inc histograms ("etot_einc_per_energy").
 
     Returns feature -> list of <S^2> values (one per column, see :func:`challenge_bins`).
     """
@@ -385,6 +467,9 @@ def separation_powers(
         out[name] = [
             separation_power(ref[:, j], gen[:, j], edges) for j, edges in enumerate(bins[name])
         ]
+    if energy_ranges_mev and "etot_einc_per_energy" in bins:
+        out["etot_einc_per_energy"] = _per_energy_separation(
+            reference, generated, energy_ranges_mev, bins["etot_einc_per_energy"])
     if reference_voxels is not None and generated_voxels is not None and "voxel_energy" in bins:
         out["voxel_energy"] = [
             separation_power(reference_voxels, generated_voxels, bins["voxel_energy"][0])
