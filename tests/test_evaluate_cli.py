@@ -78,6 +78,16 @@ def test_end_to_end_json_and_plots(ds2_files: dict[str, Path], tmp_path: Path,
         assert Path(p).read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "ref vs ref" in table and "FPD x1e3" in table and "AUC low-level" in table
+    # sample sizes next to every number, and why small-N floors exceed the paper's
+    for line in table.splitlines():
+        if line.startswith(("separation", "FPD", "KPD", "AUC")):
+            assert "N=" in line, line
+    assert "many times the CaloChallenge paper's Geant4 values" in table
+    assert "FPD x1e3 = 10.8" in table  # the paper's ds2 Geant4-vs-Geant4 value
+    assert sep["e_layer"]["n_reference"] == 400 and sep["e_layer"]["floor_n"] == [200, 200]
+    # official bootstrap settings (FPD 10k-50k, KPD batch 10k) in the final report
+    assert report["fpd"]["generated"]["sample_sizes"][0] == 10_000
+    assert report["kpd"]["generated"]["sample_sizes"] == [10_000]
 
 
 def test_wrong_width_exits_2_with_one_line(ds2_files: dict[str, Path], tmp_path: Path,
