@@ -118,8 +118,8 @@ def _generate(args: argparse.Namespace, tmp: Path) -> int:
             raise UserError(f"model {args.model!r}: not a models:/ URI nor a folder")
         label = str(model_dir)
     model, detector, _ = load_model(model_dir)
-    # float32 per value: every condition and every cell of every part
-    row_bytes = 4 * (len(detector.conditions) + sum(detector.part_sizes.values()))
+    # at most float64 per value (CaloChallenge files): every condition and every cell
+    row_bytes = 8 * (len(detector.conditions) + sum(detector.part_sizes.values()))
     check_free_space(args.out, args.events * row_bytes + (1 << 20), f"--events {args.events}",
                      "lower --events (or split the run over several files) or choose --out on a larger disk")
     # the batch's conditions, showers, the float32 copy and the model's activations

@@ -16,10 +16,12 @@ import numpy as np
 class ShowerSet:
     """A sample of N showers.
 
-    conditions: name -> (N,) float32 array. "energy" (incident energy, MeV) is always
+    conditions: name -> (N,) float array. "energy" (incident energy, MeV) is always
         present; detectors may add more (ZDC: "theta", "phi" in radians).
-    cells: part name -> (N, n_cells) float32 array of deposited energy in MeV, >= 0
+    cells: part name -> (N, n_cells) float array of deposited energy in MeV, >= 0
         (ZDC: "ecal", "hcal"; CaloChallenge: "showers").
+    Arrays are float32, except CaloChallenge samples read from float64 files, which keep
+    their dtype so that their evaluation matches the official one; training casts to float32.
     attrs: free-form provenance (detector, particle, seed, ...), written as HDF5 attrs.
     """
 

@@ -105,7 +105,8 @@ def test_relative_high_level_inputs() -> None:
     plain, rel = high_level_inputs(h), high_level_inputs(h, relative=True)
     assert plain[0, 0] == rel[0, 0] == pytest.approx(3.0)
     np.testing.assert_allclose(rel[0, 1:3], np.log10([0.01, 0.09]), rtol=1e-5)
-    np.testing.assert_allclose(rel[0, -3], np.log10(0.1), rtol=1e-5)  # E_tot / E_inc
+    # E_tot / E_inc: after E_inc, 2 E_layer and 4 eta/phi columns (r columns at the end)
+    np.testing.assert_allclose(rel[0, 7], np.log10(0.1), rtol=1e-5)
     np.testing.assert_allclose(np.delete(rel, [1, 2, 7], axis=1),
                                np.delete(plain, [1, 2, 7], axis=1))
 

@@ -46,7 +46,7 @@ SHARED_MOUNT = "/shared"
 def search_flags() -> set[str]:
     """Long options of ``python -m calotune.search --help``, read from the real help text."""
     proc = subprocess.run([sys.executable, "-m", "calotune.search", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", proc.stdout))
     assert {"--address", "--storage-path", "--tracking-uri", "--trials"} <= flags, flags
@@ -148,7 +148,7 @@ def test_submit_sh_builds_the_job_submission(tmp_path: Path, search_flags: set[s
                CALOTUNE_TRACKING_URI="http://mlflow.example:5000",
                CALOTUNE_SHARED="/mnt/team/calotune", RAY_JOB_FLAGS="--no-wait --submission-id s1")
     proc = subprocess.run(["bash", str(JOBS / "submit.sh"), "zdc_swiglu", "--trials", "7"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     argv = record.read_text().splitlines()
     assert argv[:2] == ["job", "submit"]
@@ -172,7 +172,7 @@ def test_submit_sh_builds_the_job_submission(tmp_path: Path, search_flags: set[s
 def test_submit_sh_without_a_space_prints_usage(tmp_path: Path) -> None:
     env, record = fake_tool(tmp_path, "ray")
     proc = subprocess.run(["bash", str(JOBS / "submit.sh")], env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=300)
     assert proc.returncode == 2
     assert "usage:" in proc.stderr
     assert not record.exists(), "nothing may be submitted without a search space"
@@ -321,7 +321,7 @@ def test_serve_sh_runs_mlflow_with_postgres_and_served_artifacts(tmp_path: Path)
                MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"),
                MLFLOW_SERVER_ALLOWED_HOSTS="mlflow.internal,mlflow.internal:5000", MLFLOW_PORT="5055")
     proc = subprocess.run(["bash", str(JOBS / "mlflow-server" / "serve.sh")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "s3cret" not in proc.stdout + proc.stderr, "the database password must never be printed"
     argv = record.read_text().splitlines()
@@ -346,7 +346,7 @@ def test_serve_sh_refuses_anything_but_postgres(tmp_path: Path, uri: str | None)
     if uri:
         env["MLFLOW_BACKEND_STORE_URI"] = uri
     proc = subprocess.run(["bash", str(JOBS / "mlflow-server" / "serve.sh")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "MLFLOW_BACKEND_STORE_URI" in proc.stderr
     assert not record.exists(), "no server may start on a store the recipe does not support"
@@ -356,7 +356,7 @@ def test_init_db_needs_a_password() -> None:
     env = tool_env()
     env.pop("MLFLOW_DB_PASSWORD", None)
     proc = subprocess.run([sys.executable, str(JOBS / "mlflow-server" / "init_db.py")], env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "MLFLOW_DB_PASSWORD" in proc.stderr
 

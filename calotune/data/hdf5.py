@@ -888,6 +888,7 @@ def read_dataset(
     strict: bool = False,
     unit: str = "cells",
     max_rows: int | None = None,
+    keep_dtype: bool = False,
 ) -> np.ndarray:
     """Read ``file[key]`` as a float32 (N, width) array after checking everything about it.
 
@@ -902,6 +903,10 @@ def read_dataset(
         unit: what one column is called in messages ("cells", "values").
         max_rows: read only the first rows (the checks on the declared shape still
             cover the whole dataset).
+        keep_dtype: keep a float64 dataset in float64 instead of casting to float32. The
+            CaloChallenge evaluation sums layer energies and takes the log10 of the
+            maximum in the file's dtype (arXiv 2410.21611, its ``evaluate.py``); a float32
+            cast moves events across a histogram's top bin edge, so its numbers differ.
 
     A (N,) dataset is accepted where width is 1, because several public files store
     per-event conditions flat. The rows are read in blocks into one float32 array, so
@@ -916,12 +921,13 @@ def read_dataset(
     if max_rows is not None:
         rows = min(rows, max(int(max_rows), 0))
     block = min(_block_rows(obj, width), max(rows, 1))
+    dtype = np.dtype(np.float64) if keep_dtype and obj.dtype == np.float64 else np.dtype(np.float32)
     check_memory(
-        rows * width * 4 + block * width * (obj.dtype.itemsize + 5),
+        rows * width * dtype.itemsize + block * width * (obj.dtype.itemsize + 5),
         f"{where}: reading {rows} x {width} values",
         "use a machine with more memory or fewer events (evaluate: --max-events)",
     )
-    out = np.empty((rows, width), np.float32)
+    out = np.empty((rows, width), dtype)
     checker = _ValueCheck(minimum, strict)
     for lo in range(0, rows, block):
         hi = min(rows, lo + block)
