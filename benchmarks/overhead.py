@@ -23,7 +23,8 @@ import torch
 from calotune.data.splits import split
 from calotune.detectors import get_detector
 from calotune.spec import load_spec
-from calotune.tuning.worker import TrialContext, train
+from calotune.tuning.orchestrate import trial_context
+from calotune.tuning.worker import train
 
 log = logging.getLogger("bench")
 
@@ -85,9 +86,7 @@ def main() -> None:
     spec = dataclasses.replace(load_spec("zdc_swiglu_tiny"), scheduler={"type": "none"})
     detector = get_detector(spec.detector, **spec.geometry)
     splits = split(detector.synthesize(spec.data["events"], seed=1), seed=0)
-    ctx = TrialContext(family=spec.family, detector=spec.detector, geometry=detector.geometry_dict(),
-                       objectives=((spec.objective.metric, spec.objective.mode),),
-                       max_epochs=spec.max_epochs, fixed=spec.fixed)
+    ctx = trial_context(spec, detector, seed=0)  # the very mapping the search uses
     plain = plain_optuna(spec, ctx, splits, args.trials)
     results = {"trials": args.trials, "epochs_per_trial": ctx.max_epochs, "plain_optuna_s": plain,
                "geometry": asdict(ctx)["geometry"]}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from calotune.errors import UserError
 
@@ -34,3 +37,19 @@ def run_cli(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C: ``finally`` blocks run, so no temporary or lock is left behind."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def cli_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
+             argv: Sequence[str] | None = None) -> int:
+    """The one entry wrapper of every calotune command: parse, set up logging, run ``body``
+    with UserError -> one line and exit 2, Ctrl-C or SIGTERM -> exit 130."""
+    args = parser.parse_args(argv)
+    configure_logging(bool(getattr(args, "verbose", False)))
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _terminate)
+    return run_cli(lambda: body(args))

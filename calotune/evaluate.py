@@ -412,16 +412,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not table_logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        table_logger.addHandler(handler)
-        table_logger.setLevel(logging.INFO)
-        table_logger.propagate = False
-    try:
+    from calotune.cli import cli_main
+
+    def body(args: argparse.Namespace) -> int:
+        if not table_logger.handlers:  # the table goes to stdout, log lines to stderr
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            table_logger.addHandler(handler)
+            table_logger.setLevel(logging.INFO)
+            table_logger.propagate = False
         if args.max_events is not None and args.max_events < 4:
             raise UserError(f"--max-events must be >= 4, got {args.max_events}")
         if args.fpd_draws < 1:
@@ -440,10 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
             logger.info("wrote %s", args.json)
-    except UserError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return exc.exit_code
-    return 0
+        return 0
+
+    return cli_main(_parser(), body, argv)
 
 
 if __name__ == "__main__":

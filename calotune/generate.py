@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calotune.cli import configure_logging, run_cli
+from calotune.cli import cli_main
 from calotune.errors import UserError
 from calotune.showers import ShowerSet
 
@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    return run_cli(lambda: generate_cli(args))
+    return cli_main(build_parser(), generate_cli, argv)
 
 
 def generate_cli(args: argparse.Namespace) -> int:

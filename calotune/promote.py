@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calotune.cli import configure_logging, run_cli
+from calotune.cli import cli_main
 from calotune.errors import UserError
 
 log = logging.getLogger("calotune.promote")
@@ -162,9 +162,7 @@ def _check_fair_for_production(production, reference: Reference) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    return run_cli(lambda: promote(args))
+    return cli_main(build_parser(), promote, argv)
 
 
 def promote(args: argparse.Namespace) -> int:

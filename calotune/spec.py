@@ -557,14 +557,16 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         raise _fail(where, "family", f"unknown model family {_show(family)}; known: {family_names()}")
     if not isinstance(detector_name, str) or detector_name not in detector_names():
         raise _fail(where, "detector", f"unknown detector {_show(detector_name)}; known: {detector_names()}")
+    _check_pairing(where, family, detector_name)
     geometry = _section(where, raw, "geometry", {k: (int, float) for k in _geometry_keys(detector_name)})
     try:
         detector = get_detector(detector_name, **geometry)
     except UserError as exc:
         raise _fail(where, "geometry", str(exc)) from None
 
-    data = _section(where, raw, "data", {"events": int, "seed": int, "particle": str, "mode": str,
+    data = _section(where, raw, "data", {"events": int, "seed": int, "synthesis": dict,
                                           "validation_fraction": float, "test_fraction": float})
+    _check_synthesis(where, detector, data.get("synthesis", {}))
     for frac in ("validation_fraction", "test_fraction"):
         if frac in data and not 0.0 < data[frac] < 0.5:
             raise _fail(where, f"data.{frac}", f"must be in (0, 0.5), but got {data[frac]}")
@@ -573,7 +575,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
                        data.get("test_fraction", DEFAULT_TEST_FRACTION), where)
 
     allowed_objectives = {**detector.objectives(), "gen_time_ms": "min"}
-    objectives = _parse_objectives(where, raw, allowed_objectives)
+    objectives = _parse_objectives(where, raw, allowed_objectives, default_objective(detector))
     select = raw.get("select", "first")
     if not isinstance(select, str):
         raise _fail(where, "select", f"must be a string, but got {_show(select)}")
@@ -771,16 +773,74 @@ def _check_domain(where: str, family: str, params: tuple[Param, ...], fixed: dic
                                     f"{q.name}={_show(vq)} ({label_q}){also} is refused: {bad[1]}")
 
 
+def family_detectors(family: str) -> tuple[str, ...]:
+    """The detector names (or name prefixes ending in ``-``) a family declares in DETECTORS."""
+    from calotune.models.registry import get_family
+
+    return tuple(getattr(get_family(family), "DETECTORS", ()))
+
+
+def pairs_with(family: str, detector_name: str) -> bool:
+    """Whether ``family`` can generate showers for ``detector_name``."""
+    return any(detector_name == d or (d.endswith("-") and detector_name.startswith(d))
+               for d in family_detectors(family))
+
+
+def _check_pairing(where: str, family: str, detector_name: str) -> None:
+    """A family builds models for the cell layouts it declares; any other pairing fails in
+    every trial (or, worse, trains on a layout it silently misreads), so refuse it here."""
+    if pairs_with(family, detector_name):
+        return
+    from calotune.detectors import detector_names
+    from calotune.models.registry import family_names
+
+    pairs = [f"{f}+{d}" for f in family_names() for d in detector_names() if pairs_with(f, d)]
+    raise _fail(where, "detector", f"model family {family!r} does not generate showers for detector "
+                                   f"{detector_name!r} (it declares {list(family_detectors(family))}); "
+                                   f"pairs that exist: {', '.join(pairs)}")
+
+
+def default_objective(detector: Any) -> tuple[str, str]:
+    """The detector's own default objective (metric, mode): no detector's metric is the
+    generic default. A detector may define ``default_objective()``; otherwise its first
+    declared objective is used."""
+    own = getattr(detector, "default_objective", None)
+    if callable(own):
+        metric, mode = own()
+        return str(metric), str(mode)
+    metric, mode = next(iter(detector.objectives().items()))
+    return metric, mode
+
+
+def _check_synthesis(where: str, detector: Any, options: dict[str, Any]) -> None:
+    """``data.synthesis``: options of the detector's synthetic showers (ZDC: particle,
+    mode), checked by asking the detector for two showers with them, so that the spec
+    carries no detector's option names and refuses any the detector does not know."""
+    for key, value in options.items():
+        if not isinstance(key, str) or not isinstance(value, str | int | float | bool):
+            raise _fail(where, f"data.synthesis.{_key(key)}", f"must be a number, string or boolean, "
+                                                              f"but got {_show(value)}")
+    if not options:
+        return
+    try:
+        detector.synthesize(2, 0, **dict(options))
+    except (UserError, ValueError, TypeError, KeyError) as exc:
+        message = str(exc).split(": ", 1)[-1] if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        raise _fail(where, "data.synthesis", f"refused by detector {detector.name!r}: {message}") from None
+
+
 def _geometry_keys(detector_name: str) -> list[str]:
     from calotune.detectors import get_detector
 
     return list(get_detector(detector_name).geometry_dict())
 
 
-def _parse_objectives(where: str, raw: dict, allowed: dict[str, str]) -> tuple[Objective, ...]:
+def _parse_objectives(where: str, raw: dict, allowed: dict[str, str],
+                      default: tuple[str, str]) -> tuple[Objective, ...]:
     if "objective" in raw and "objectives" in raw:
         raise _fail(where, "objectives", "give either 'objective' or 'objectives', not both")
-    items = raw.get("objectives") if "objectives" in raw else [raw.get("objective", "mean_separation")]
+    fallback = {"metric": default[0], "mode": default[1]}
+    items = raw.get("objectives") if "objectives" in raw else [raw.get("objective", fallback)]
     if not isinstance(items, list) or not items:
         raise _fail(where, "objectives", f"must be a non-empty list, but got {items!r}")
     out = []
@@ -807,14 +867,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import logging
 
-    from calotune.cli import configure_logging, run_cli
+    from calotune.cli import cli_main
 
     parser = argparse.ArgumentParser(prog="python -m calotune.spec", description=main.__doc__)
     parser.add_argument("spaces", nargs="+", help="names in search_spaces/ or YAML paths")
-    args = parser.parse_args(argv)
-    configure_logging()
 
-    def body() -> int:
+    def body(args: argparse.Namespace) -> int:
         for name in args.spaces:
             spec = load_spec(name)
             logging.getLogger("calotune.spec").info(
@@ -823,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec.trials, spec.max_epochs)
         return 0
 
-    return run_cli(body)
+    return cli_main(parser, body, argv)
 
 
 if __name__ == "__main__":

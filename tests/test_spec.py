@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -216,3 +217,49 @@ def test_random_yaml_text_edits_give_clean_errors_or_success(tmp_path: Path, dat
         assert str(exc).startswith(str(path)) and "\n" not in str(exc)
         return
     _assert_runnable(spec, optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)))
+
+
+# --- which family fits which detector, and what the detector decides ---------------------
+def _tiny_raw() -> dict:
+    return yaml.safe_load((SPACES_DIR / "zdc_swiglu_tiny.yaml").read_text())
+
+
+@pytest.mark.parametrize("detector", ["calochallenge-3", "calochallenge-1-photons", "calochallenge-2"])
+def test_family_refuses_a_detector_it_does_not_declare(detector: str) -> None:
+    raw = _tiny_raw()
+    raw["detector"] = detector
+    raw.pop("geometry")
+    with pytest.raises(UserError) as err:
+        parse_spec(raw, "space.yaml")
+    message = str(err.value)
+    assert f"does not generate showers for detector {detector!r}" in message
+    assert "pairs that exist: zdc_swiglu+zdc" in message
+
+
+def test_objective_defaults_to_the_detectors_own() -> None:
+    from calotune.detectors import get_detector
+    from calotune.spec import default_objective
+
+    raw = _tiny_raw()
+    raw.pop("objective")
+    spec = parse_spec(raw, "space.yaml")
+    assert (spec.objective.metric, spec.objective.mode) == default_objective(get_detector("zdc"))
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ({"synthesis": {"particle": "muon"}}, "data.synthesis: refused by detector 'zdc'"),
+    ({"synthesis": {"colour": "red"}}, "data.synthesis: refused by detector 'zdc'"),
+    ({"synthesis": {"particle": [1]}}, "data.synthesis.particle"),
+    ({"particle": "neutron"}, "data.particle: unknown key"),  # detector options live in data.synthesis
+])
+def test_data_synthesis_options_belong_to_the_detector(data: dict, needle: str) -> None:
+    raw = _tiny_raw()
+    raw["data"] = {**raw["data"], **data}
+    with pytest.raises(UserError, match=re.escape(needle)):
+        parse_spec(raw, "space.yaml")
+
+
+def test_valid_synthesis_options_are_kept() -> None:
+    raw = _tiny_raw()
+    raw["data"]["synthesis"] = {"particle": "photon", "mode": "pencil"}
+    assert parse_spec(raw, "space.yaml").data["synthesis"] == {"particle": "photon", "mode": "pencil"}

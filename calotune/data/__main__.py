@@ -104,20 +104,13 @@ def _check(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for anything the user can fix)."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        if args.command == "synth":
-            _synth(args)
-        else:
-            _check(args)
-    except UserError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
-    return 0
+    from calotune.cli import cli_main
+
+    def body(args: argparse.Namespace) -> int:
+        (_synth if args.command == "synth" else _check)(args)
+        return 0
+
+    return cli_main(_parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,613 @@
+"""A hyperparameter search as library functions: plan it, run it, get an exit status.
+
+``python -m calotune.search`` is a thin command line over these; a notebook or a test can
+call them directly::
+
+    from calotune.tuning.orchestrate import SearchRequest, search
+    status = search(SearchRequest(space="zdc_swiglu_tiny", trials=4, home=Path("/tmp/h")))
+
+:func:`plan_search` checks every input (the space, the data, the tracking URI, the cluster
+address, the resume record) before anything is written or started, so bad input leaves no
+half-made MLflow runs or result folders behind; :func:`run_search` then runs Ray Tune,
+scores the best and the default configuration on the held-out split, registers the best
+model and keeps an honest record through interrupts (see :mod:`calotune.tuning.lifecycle`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from calotune.errors import UserError
+
+log = logging.getLogger("calotune.search")
+
+#: ``--resume`` without a name: the latest search of the space under --home.
+LATEST = "latest"
+
+
+@dataclass
+class SearchRequest:
+    """What a user asks for: the search command's flags, as data (None: the default)."""
+
+    space: str
+    trials: int | None = None
+    max_epochs: int | None = None
+    data: Path | None = None
+    events: int | None = None
+    tracking_uri: str | None = None
+    storage_path: str | None = None
+    address: str | None = None
+    seed: int | None = None
+    resume: str | None = None
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    workers_per_trial: int | None = None
+    max_concurrent: int | None = None
+    home: Path = Path(".calotune")
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    checkpoint: Path | None
+    error: str | None
+    epochs: int
+
+
+@dataclass
+class Plan:
+    """Everything a search needs, validated before anything is written or started."""
+
+    spec: Any
+    detector: Any
+    showers: Any
+    data_path: Path
+    data_hash: str
+    uri: str
+    storage: Path | str
+    home: Path
+    name: str
+    seed: int
+    resume: bool
+    record: dict[str, str]
+    address: str | None = None
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{name} must be > 0, but got {value}")
+
+
+def _folder(flag: str, path: Path) -> Path:
+    """A folder calotune may create and write in; UserError if it is a file or read-only."""
+    path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a folder; pass a folder (it is created if missing)")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not a writable folder; pass a folder you can write to")
+    return path
+
+
+def _space_hash(spec) -> str:
+    """What defines the searched space (not the budget): a resumed search must not change it."""
+    keep = {k: getattr(spec, k) for k in ("family", "detector", "geometry", "data", "objectives",
+                                          "select", "scheduler", "params", "fixed")}
+    return hashlib.sha256(repr(sorted(keep.items())).encode()).hexdigest()[:16]
+
+
+def _recorded_search(uri: str, experiment: str, name: str) -> tuple[dict[str, str], str, dict[str, str]]:
+    """(params, status, tags) of search ``name``'s MLflow parent run; UserError if absent."""
+    from calotune.tracking.mlflow_tracker import TAG_KIND, TAG_SEARCH, _client
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG_SEARCH}` = '{name}' and tags.`{TAG_KIND}` = 'search'", max_results=2)
+    if not runs:
+        raise UserError(f"--resume {name}: no search of that name in {uri} (experiment {experiment!r}); "
+                        f"pass --tracking-uri/--home of the store it logged to, or start a new search")
+    run = runs[0]
+    return dict(run.data.params), run.info.status, dict(run.data.tags)
+
+
+def plan_search(args: SearchRequest) -> Plan:
+    """Validate every input and settle what the search will be; writes nothing to MLflow
+    or Ray (the synthetic-data cache under --home is the only thing it may create)."""
+    from calotune.detectors import get_detector
+    from calotune.spec import DEFAULT_EVENTS, check_resources, load_spec
+    from calotune.tracking.mlflow_tracker import resolve_tracking_uri
+    from calotune.tuning import lifecycle
+    from calotune.tuning.worker import FAULT_ENV, parse_fault
+
+    for flag in ("trials", "max_epochs", "events", "workers_per_trial", "max_concurrent"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.cpus_per_trial is not None and not args.cpus_per_trial > 0:
+        raise UserError(f"--cpus-per-trial must be > 0, but got {args.cpus_per_trial}")
+    if args.gpus_per_trial is not None and not args.gpus_per_trial >= 0:
+        raise UserError(f"--gpus-per-trial must be >= 0, but got {args.gpus_per_trial}")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed must be >= 0, but got {args.seed}")
+    spec = load_spec(args.space)
+    parse_fault(os.environ.get(FAULT_ENV))  # a malformed fault spec fails here, not in every trial
+    home = _folder("--home", args.home)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:  # unreachable: refused now, not after minutes of ray.init retries
+        _check_address(address, "--address" if args.address else "RAY_ADDRESS")
+    uri = resolve_tracking_uri(args.tracking_uri, home, must_exist=args.resume is not None)
+    if args.storage_path and "://" in args.storage_path:
+        storage: Path | str = args.storage_path  # an object store Ray Tune writes through pyarrow
+    else:
+        storage = _folder("--storage-path", Path(args.storage_path or home / "ray_results"))
+    overrides = {k: v for k, v in {
+        "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
+        "workers_per_trial": args.workers_per_trial, "max_concurrent_trials": args.max_concurrent,
+    }.items() if v is not None}
+    check_resources(overrides, "command line (--cpus-per-trial/--gpus-per-trial/...)")
+
+    record: dict[str, str] = {}
+    data_flag = args.data
+    if args.resume is not None:
+        name = args.resume
+        if name == LATEST:
+            name = lifecycle.latest_search(home, spec.name)
+            if name is None:
+                raise UserError(f"--resume: no search of {spec.name!r} to resume under "
+                                f"{lifecycle.searches_dir(home)}; run without --resume to start one")
+        lifecycle.check_search_name(name)
+        record, status, tags = _recorded_search(uri, spec.name, name)
+        state = tags.get("calotune.state", "finished" if status == "FINISHED" else "")
+        if state in {"finished", "failed"} or status == "FINISHED":
+            raise UserError(f"--resume {name}: that search already {state or 'finished'}; nothing to "
+                            f"resume (start a new search without --resume)")
+        if record.get("space_hash") and record["space_hash"] != _space_hash(spec):
+            raise UserError(f"--resume {name}: {spec.source} changed since the search started; "
+                            f"restore the file or start a new search")
+        given = {"trials": args.trials, "max_epochs": args.max_epochs, "seed": args.seed,
+                 **{f"resources.{k}": v for k, v in overrides.items()}}
+        lifecycle.check_resume_flags(name, record, {k: v for k, v in given.items() if v is not None})
+        trials, max_epochs = int(record["trials"]), int(record["max_epochs"])
+        seed = int(record["seed"])
+        resources = {k.removeprefix("resources."): (float(v) if "." in v else int(v))
+                     for k, v in record.items() if k.startswith("resources.")}
+        if data_flag is None and record.get("data"):
+            data_flag = Path(record["data"])
+            if not data_flag.is_file():
+                raise UserError(f"--resume {name}: its data {data_flag} is gone; pass --data with the "
+                                f"same file")
+        from ray import tune
+
+        experiment_dir = f"{str(storage).rstrip('/')}/{name}"
+        if not tune.Tuner.can_restore(experiment_dir):
+            raise UserError(f"--resume {name}: no Ray Tune state at {experiment_dir}; pass the "
+                            f"--storage-path the search used (nothing was changed)")
+    else:
+        name = lifecycle.new_search_name(spec.name)
+        trials, max_epochs = args.trials or spec.trials, args.max_epochs or spec.max_epochs
+        seed = args.seed if args.seed is not None else 0
+        resources = {**spec.resources, **overrides}
+    spec = dataclasses.replace(spec, resources=resources, trials=trials, max_epochs=max_epochs)
+    detector = get_detector(spec.detector, **spec.geometry)
+    if data_flag is not None:
+        if not data_flag.is_file():
+            raise UserError(f"--data {data_flag}: file does not exist")
+        data_path = data_flag.resolve()
+    else:
+        from calotune.data.cache import cached_synthetic
+
+        home.mkdir(parents=True, exist_ok=True)
+        options = dict(spec.data.get("synthesis", {}))
+        data_path = cached_synthetic(detector, args.events or spec.data.get("events", DEFAULT_EVENTS),
+                                     spec.data.get("seed", 1), home / "data", **options)
+    showers = detector.read(data_path)  # validates keys, shapes, dtypes, values before any write
+    from calotune.tracking.registry import file_hash
+
+    data_hash = file_hash(data_path)
+    if record.get("data_hash") and record["data_hash"] != data_hash:
+        raise UserError(f"--data {data_path}: not the file search {name!r} started with (its content "
+                        f"changed); resume with the original file or start a new search")
+    _check_split_sizes(spec, len(showers), data_path, args)
+    return Plan(spec=spec, detector=detector, showers=showers, data_path=data_path, data_hash=data_hash,
+                uri=uri, storage=storage, home=home, name=name, seed=seed,
+                resume=args.resume is not None, record=record, address=args.address)
+
+
+def _check_split_sizes(spec, n: int, data_path: Path, args: SearchRequest) -> None:
+    """Every split must hold enough events to train on and to score with."""
+    from calotune.spec import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, check_split_events
+
+    if args.data is not None:
+        where, key = f"--data {data_path}", "events in the file"
+    elif args.events is not None:
+        where, key = "--events", str(n)
+    else:
+        where, key = spec.source, "data.events"
+    check_split_events(n, spec.data.get("validation_fraction", DEFAULT_VALIDATION_FRACTION),
+                       spec.data.get("test_fraction", DEFAULT_TEST_FRACTION), where, key)
+
+
+def _check_address(address: str, flag: str) -> None:
+    """Refuse an unreachable cluster address at once (``ray.init`` would retry for minutes)."""
+    import socket
+
+    if address in {"auto", "local"}:
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{flag} {address}: expected HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UserError(f"{flag} {address}: cannot reach {host}:{port} ({exc.strerror or exc}); "
+                        f"check that the Ray head is running and the address is right") from None
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # calotune checkpoints every epoch on purpose (resume loses nothing); Tune's warning
+    # about frequent experiment snapshots is expected, not actionable.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Snapshot Tune's experiment state every 2 s (the default is >= 10 s): a killed driver
+    # then forgets at most the trials of its last 2 s. A snapshot takes milliseconds here.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # A failed trial's last result deliberately carries no score (see worker.train).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    quiet = not logging.getLogger("calotune").isEnabledFor(logging.DEBUG)
+    if quiet:
+        # Tune's own "Resume experiment with: Tuner.restore(...)" and "Trials did not complete"
+        # lines name APIs a calotune user never calls; calotune reports both in its own words.
+        logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    # Ray's start-up lines (the local instance, the token-auth notice) only with -v.
+    level = logging.ERROR if quiet else logging.INFO
+    flag = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level=level)
+        else:  # "local": never join a cluster some other process happened to start here
+            ray.init(address="local", include_dashboard=False, logging_level=level,
+                     log_to_driver=os.environ.get("CALOTUNE_RAY_LOGS") == "1")
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{flag} {address}: cannot connect to the Ray cluster ({exc})") from None
+
+
+def _check_resources(spec) -> None:
+    """Refuse a trial shape that no node of the cluster can ever hold (Tune would wait forever)."""
+    import ray
+
+    res = spec.resources
+    cpu, gpu, workers = float(res["cpus_per_trial"]), float(res["gpus_per_trial"]), int(res["workers_per_trial"])
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+    def slots(node: dict[str, float]) -> int:
+        fits = [math.floor(node.get("CPU", 0) / cpu + 1e-9)]
+        if gpu > 0:
+            fits.append(math.floor(node.get("GPU", 0) / gpu + 1e-9))
+        return min(fits)
+
+    if sum(slots(n) for n in nodes) >= workers:
+        return
+    have = "; ".join(f"node {i}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for i, n in enumerate(nodes))
+    want = f"{workers} worker(s) x ({cpu:g} CPU" + (f", {gpu:g} GPU)" if gpu else ")")
+    raise UserError(f"resources: a trial needs {want}, but the Ray cluster has {have or 'no nodes'}; lower "
+                    f"--cpus-per-trial/--gpus-per-trial/--workers-per-trial (or resources in {spec.source}) "
+                    f"or add nodes")
+
+
+def _outcomes(result_grid) -> list[TrialOutcome]:
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from calotune.tuning.worker import FAILED_KEY
+
+    out = []
+    for r in result_grid:
+        metrics = dict(r.metrics or {})
+        ckpt = None
+        if r.checkpoint is not None:
+            ckpt = Path(r.checkpoint.path)
+        elif metrics.get(CHECKPOINT_PATH_KEY):  # a DDP trial: Ray Train's checkpoint, by path
+            ckpt = Path(metrics[CHECKPOINT_PATH_KEY])
+        trial_id = metrics.get("trial_id") or Path(r.path).name
+        error = str(r.error).strip().splitlines()[-1] if r.error else metrics.get(FAILED_KEY)
+        out.append(TrialOutcome(
+            trial_id=str(trial_id), config=dict(r.config or {}), metrics=metrics, checkpoint=ckpt,
+            error=error,
+            epochs=int(metrics.get("training_iteration", 0)),
+        ))
+    return out
+
+
+def trial_context(spec, detector, seed: int):
+    """The one mapping from a search spec to what every trial's worker needs."""
+    from calotune.tuning.worker import TrialContext
+
+    return TrialContext(
+        family=spec.family, detector=spec.detector, geometry=detector.geometry_dict(),
+        objectives=tuple((o.metric, o.mode) for o in spec.objectives),
+        max_epochs=spec.max_epochs, seed=seed, fixed=spec.fixed,
+    )
+
+
+def search(request: SearchRequest) -> int:
+    """Plan and run a search; the command's exit status (0, 1 all trials failed, 130 interrupted).
+
+    UserError for bad input, raised before anything is written.
+    """
+    t_start = time.perf_counter()
+    return run_search(plan_search(request), t_start)
+
+
+def run_search(plan: Plan, t_start: float | None = None) -> int:
+    """Run a planned search under its lock (a second driver of the same search is refused)."""
+    from calotune.tuning import lifecycle
+
+    with lifecycle.search_lock(plan.home, plan.name):
+        return _search(plan, time.perf_counter() if t_start is None else t_start)
+
+
+class _Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: stop before anything else is recorded as a result."""
+
+
+def _search(plan: Plan, t_start: float) -> int:
+    import ray
+
+    from calotune.data.splits import split
+    from calotune.models.registry import config_fields
+    from calotune.tracking.mlflow_tracker import Tracker
+    from calotune.tuning import lifecycle
+    from calotune.tuning.runner import MlflowTrialCallback, make_tuner
+
+    spec, run_name, home = plan.spec, plan.name, plan.home
+    experiment = spec.name
+    splits = split(plan.showers, spec.data.get("validation_fraction", 0.15),
+                   spec.data.get("test_fraction", 0.15), seed=plan.seed)
+    model_defaults = {name: f.default for name, f in config_fields(spec.family).items()
+                      if f.default is not dataclasses.MISSING}
+    baseline = spec.defaults({**model_defaults, **spec.fixed})
+    log.info("search %s: %s on %s, %d trials x %d epochs; data %s (%d train / %d validation / "
+             "%d test events)", run_name, spec.family, spec.detector, spec.trials, spec.max_epochs,
+             plan.data_path, len(splits.train), len(splits.validation), len(splits.test))
+
+    _init_ray(plan.address)
+    tracker = None
+    try:
+        _check_resources(spec)
+        tracker = Tracker(plan.uri, experiment, home / "artifacts")
+        record = lifecycle.budget_record(
+            space_hash=_space_hash(spec), trials=spec.trials, max_epochs=spec.max_epochs, seed=plan.seed,
+            data=str(plan.data_path), data_hash=plan.data_hash, resources=spec.resources)
+        if plan.resume:
+            tracker.attach_search(run_name, reopen=True)
+            log.info("resuming %s: %d interrupted trial run(s) will be continued", run_name,
+                     tracker.mark_interrupted())
+        else:
+            tracker.create_search(run_name, {
+                "space": spec.source, "family": spec.family, "detector": spec.detector,
+                "objectives": ",".join(f"{o.metric}:{o.mode}" for o in spec.objectives), **record,
+            }, {"calotune.data_hash": plan.data_hash})
+        tracker.set_tags(tracker.parent_run_id, {"calotune.state": "running"})
+        if isinstance(plan.storage, Path):
+            plan.storage.mkdir(parents=True, exist_ok=True)
+        lifecycle.record_latest(home, spec.name, run_name)
+
+        ctx = trial_context(spec, plan.detector, plan.seed)
+        # Put once, read by every trial on every node; the held-out split never leaves the driver.
+        data_ref = ray.put(dataclasses.replace(splits, test=splits.test.subset(slice(0, 0))))
+        callback = MlflowTrialCallback(plan.uri, experiment, run_name, str(home / "artifacts"),
+                                       spec.max_epochs, tuple(o.metric for o in spec.objectives))
+        res = spec.resources
+        total_cpu = ray.cluster_resources().get("CPU", 1)
+        per_trial_cpu = res["cpus_per_trial"] * res["workers_per_trial"]
+        limit = max(1, int(total_cpu // per_trial_cpu))
+        if res["gpus_per_trial"] > 0:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            limit = min(limit, max(1, int(gpus // (res["gpus_per_trial"] * res["workers_per_trial"]))))
+        max_concurrent = min(res.get("max_concurrent_trials", limit), limit)
+        with lifecycle.interruptible():
+            tuner = make_tuner(
+                spec=spec, ctx=ctx, data_ref=data_ref, baseline=baseline, storage_path=plan.storage,
+                run_name=run_name, seed=plan.seed, trials=spec.trials, callback=callback,
+                max_concurrent=max_concurrent, resources=res, restore=plan.resume,
+            )
+            t_search = time.perf_counter()
+            result_grid = tuner.fit()
+            search_s = time.perf_counter() - t_search
+            if lifecycle.STOP.is_set():
+                raise _Interrupted
+            outcomes = _outcomes(result_grid)
+            return _finish(spec, splits, outcomes, tracker, baseline, run_name, plan, search_s,
+                           time.perf_counter() - t_start)
+    except (_Interrupted, KeyboardInterrupt):
+        if tracker is not None and tracker.parent_run_id:
+            _record_interrupt(tracker, run_name, spec, plan)
+        return lifecycle.EXIT_INTERRUPTED
+    except BaseException:
+        if tracker is not None and tracker.parent_run_id:
+            tracker.set_tags(tracker.parent_run_id, {"calotune.state": "killed"})
+            tracker.end_search("KILLED")
+        raise
+    finally:
+        ray.shutdown()
+
+
+def _record_interrupt(tracker, run_name: str, spec, plan: Plan) -> None:
+    """Close the record of an interrupted search honestly: running trials interrupted,
+    the search KILLED with state "interrupted" (resumable), nothing registered."""
+    from calotune.tuning import lifecycle
+
+    by = lifecycle.received_signal() or "SIGINT"
+    n = 0
+    for trial_id, run_id in tracker.refresh().items():
+        if tracker.client.get_run(run_id).info.status == "RUNNING":
+            tracker.set_tags(run_id, {"calotune.interrupted": "true", "calotune.interrupted_by": by})
+            tracker.end_trial(trial_id, "interrupted")
+            n += 1
+    tracker.set_tags(tracker.parent_run_id, {"calotune.state": "interrupted", "calotune.interrupted_by": by})
+    tracker.end_search("KILLED")
+    resume = f"python -m calotune.search {spec.source if '/' in spec.source else spec.name} --resume {run_name}"
+    if plan.home != Path(".calotune").resolve():
+        resume += f" --home {plan.home}"
+    log.warning("search %s interrupted by %s: %d running trial(s) recorded as interrupted, nothing "
+                "registered; continue it with: %s", run_name, by, n, resume)
+
+
+def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, search_s, total_s) -> int:
+    from calotune.sampling import score_model
+    from calotune.tracking.mlflow_tracker import user
+    from calotune.tuning.lifecycle import STOP, uninterrupted
+    from calotune.tuning.runner import is_baseline
+    from calotune.tuning.worker import BEST_DIR
+
+    metric, mode = spec.objective.metric, spec.objective.mode
+    sign = 1.0 if mode == "min" else -1.0
+    ok = [o for o in outcomes if o.error is None and o.checkpoint is not None
+          and math.isfinite(float(o.metrics.get(metric, math.nan)))]
+    failed = [o for o in outcomes if o.error is not None]
+    lost = tracker.close_lost({o.trial_id for o in outcomes})
+    if lost:
+        log.warning("%d trial run(s) were unknown to the restored search (killed before Tune's last "
+                    "snapshot), marked interrupted or orphaned: %s", len(lost), ", ".join(lost))
+    runs = tracker.refresh()
+    if not ok:
+        reasons = "; ".join(f"{o.trial_id}: {o.error}" for o in failed[:5]) or "no trial reported"
+        tracker.set_tags(tracker.parent_run_id, {"calotune.state": "failed"})
+        tracker.end_search("FAILED")
+        log.error("all %d trials failed: %s", len(outcomes), reasons)
+        return 1
+    ranked = sorted(ok, key=lambda o: sign * float(o.metrics[metric]))
+    best = ranked[0]
+    front: list[TrialOutcome] = []
+    if len(spec.objectives) > 1:
+        from calotune.tuning.pareto import pareto_front, select
+
+        names = [o.metric for o in spec.objectives]
+        modes = [o.mode for o in spec.objectives]
+        points = [[float(t.metrics[n]) for n in names] for t in ok]
+        front = [ok[i] for i in pareto_front(points, modes)]
+        best = ok[select(points, modes, names, spec.select)]
+        ranked = [best, *[t for t in sorted(front, key=lambda o: sign * float(o.metrics[metric])) if t is not best]]
+        _log_front(tracker, runs, front, best, names, spec.select)
+    base = next((o for o in ok if is_baseline(o.config, baseline)), None)
+
+    # Held-out test split: the search never saw it, so these numbers are honest.
+    test_best, gen_best = score_model(best.checkpoint / BEST_DIR, splits.test, plan.seed)
+    generated = {best.trial_id: gen_best}
+    test_base = None
+    if base is not None:
+        test_base, generated[base.trial_id] = score_model(base.checkpoint / BEST_DIR, splits.test, plan.seed)
+    for outcome, scores in ((best, test_best), (base, test_base)):
+        if outcome is not None and scores is not None and outcome.trial_id in runs:
+            tracker.log_metrics(runs[outcome.trial_id], {f"test_{k}": v for k, v in scores.items()})
+
+    # Plots for the best few trials: generated vs reference on the held-out split.
+    from calotune.detectors import get_detector
+
+    detector = get_detector(spec.detector, **spec.geometry)
+    with tempfile.TemporaryDirectory(prefix="calotune-plots-") as tmp:
+        for outcome in ranked[:3]:
+            if outcome.trial_id not in runs:
+                continue
+            gen = generated.get(outcome.trial_id)
+            if gen is None:
+                gen = score_model(outcome.checkpoint / BEST_DIR, splits.test, plan.seed)[1]
+            out = Path(tmp) / outcome.trial_id
+            detector.plot(splits.test, gen, out)
+            tracker.log_artifacts(runs[outcome.trial_id], out, "plots")
+
+    best_run = runs.get(best.trial_id)
+    if best_run is not None:
+        tracker.log_artifacts(best_run, best.checkpoint / BEST_DIR, "model")
+    summary = {
+        "search_wall_s": search_s, "total_wall_s": total_s, "n_trials": len(outcomes),
+        "n_failed": len(failed), f"best_validation_{metric}": float(best.metrics[metric]),
+        f"best_test_{metric}": test_best[metric],
+    }
+    if test_base:
+        summary[f"default_test_{metric}"] = test_base[metric]
+    if STOP.is_set():  # interrupted while scoring: the search did not finish, register nothing
+        raise KeyboardInterrupt
+    from calotune.detectors import get_detector
+    from calotune.tracking.registry import registered_model_name
+
+    version = None
+    # One registered model per geometry: a shrunken test detector never competes with the
+    # real one for production (their cells cannot be compared).
+    model_name = registered_model_name(spec.detector, plan.detector.geometry_dict(),
+                                       get_detector(spec.detector).geometry_dict())
+    # Registration, the alias and the FINISHED record are one step: a signal waits for it.
+    with uninterrupted():
+        if best_run is not None:
+            version = tracker.register(best_run, "model", model_name, "candidate", {
+                "search": run_name, "trial": best.trial_id, "score": f"{test_best[metric]:.6g}",
+                "objective": metric, "mode": spec.objective.mode, "data_hash": plan.data_hash,
+                "data_path": str(plan.data_path), "split_seed": plan.seed, "user": user(),
+                "validation_fraction": spec.data.get("validation_fraction", 0.15),
+                "test_fraction": spec.data.get("test_fraction", 0.15),
+                "baseline_score": f"{test_base[metric]:.6g}" if test_base else "n/a",
+            })
+            tracker.set_tags(tracker.parent_run_id, {"calotune.registered": f"{model_name}/{version}"})
+        tracker.set_tags(tracker.parent_run_id, {"calotune.state": "finished"})
+        tracker.end_search("FINISHED", summary)
+    _print_summary(spec, best, base, test_best, test_base, version, model_name, plan, summary, outcomes)
+    return 0
+
+
+def _log_front(tracker, runs, front, chosen, names, rule) -> None:
+    """The Pareto front as a JSON artifact of the search run, and a tag on every trial run."""
+    rows = [{"trial": t.trial_id, "chosen": t is chosen, **{n: float(t.metrics[n]) for n in names},
+             "params": t.config} for t in front]
+    on_front = {t.trial_id for t in front}
+    for trial_id, run_id in runs.items():
+        tracker.set_tags(run_id, {"calotune.pareto": str(trial_id in on_front).lower()})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pareto_front.json"
+        path.write_text(json.dumps({"objectives": names, "select": rule, "front": rows}, indent=2))
+        tracker.log_artifacts(tracker.parent_run_id, Path(tmp))
+    tracker.log_metrics(tracker.parent_run_id, {"pareto_front_size": len(front)})
+    log.info("Pareto front (%s), %d trials:\n%s", " vs ".join(names), len(front), "\n".join(
+        f"    {'*' if r['chosen'] else ' '} {r['trial']}  " + "  ".join(f"{n}={r[n]:.4g}" for n in names)
+        for r in rows))
+
+
+def _print_summary(spec, best, base, test_best, test_base, version, model_name, plan, summary, outcomes):
+    from calotune.tuning.runner import result_state
+
+    metric = spec.objective.metric
+    states: dict[str, int] = {}
+    for o in outcomes:
+        state = "failed" if o.error else result_state(o.metrics, spec.max_epochs)[0]
+        states[state] = states.get(state, 0) + 1
+    lines = [
+        "",
+        f"== calotune search {plan.name}: {len(outcomes)} trials "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}) in {summary['search_wall_s']:.0f} s ==",
+        f"best trial {best.trial_id} ({best.epochs} epochs), parameters:",
+        *[f"    {k} = {v}" for k, v in sorted(best.config.items())],
+        f"held-out test {metric} ({spec.objective.mode}): best {test_best[metric]:.4f}"
+        + (f"   default configuration {test_base[metric]:.4f}" if test_base else
+           "   (default configuration trial did not finish)"),
+    ]
+    if version:
+        lines.append(f"registered model {model_name!r} version {version}, alias 'candidate'; "
+                     f"promote with: python -m calotune.promote {model_name}")
+    uri = plan.uri
+    ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
+          else f"open {uri} in a browser")
+    lines.append(f"compare runs: {ui}   (experiment {spec.name!r})")
+    log.info("\n".join(lines))
