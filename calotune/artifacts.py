@@ -4,6 +4,11 @@ MLflow's PyTorch flavour pickles the whole module, and unpickling a model from a
 registry executes whatever code the pickle names. calotune stores a JSON description and a
 ``state_dict`` loaded with ``torch.load(weights_only=True)``, which refuses any payload
 that is not plain tensors and containers, so loading a registered model runs no stored code.
+
+A family's preparation (:meth:`GenerativeModel.prepare`, statistics of the training
+data) is part of the model: its tensors are buffers in weights.pt (``prepared.<name>``)
+and model.json declares their dtypes and shapes under ``prepared.tensors`` and holds its
+JSON values under ``prepared.values``, so a loaded model samples exactly as the trained one.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from calotune.data.hdf5 import check_memory
 from calotune.detectors import detector_names, get_detector
 from calotune.detectors.base import Detector
 from calotune.errors import UserError
-from calotune.models.base import GenerativeModel
+from calotune.models.base import GenerativeModel, show
 from calotune.models.registry import build_model, family_names
 
 MODEL_JSON = "model.json"
@@ -49,6 +54,16 @@ def save_model(
         "params": params,
         "info": info or {},
     }
+    prepared = model.preparation()
+    if prepared:
+        # The tensors are in weights.pt already (buffers ``prepared.<name>``); their dtypes
+        # and shapes are declared here, because they depend on the data and a loader must
+        # create them before it can check weights.pt against the model.
+        description["prepared"] = {
+            "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                        for k, v in prepared.items() if isinstance(v, torch.Tensor)},
+            "values": {k: v for k, v in prepared.items() if not isinstance(v, torch.Tensor)},
+        }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, out_dir / WEIGHTS)
     (out_dir / MODEL_JSON).write_text(json.dumps(description, indent=2, sort_keys=True))
@@ -190,6 +205,53 @@ def _check_state(state: dict[str, torch.Tensor], model: GenerativeModel, weights
                             f"{description_path} needs {want.dtype} {tuple(want.shape)}")
 
 
+#: dtypes a preparation tensor may have (declared by name in model.json).
+_PREPARED_DTYPES = {name: getattr(torch, name) for name in (
+    "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
+
+
+def _apply_preparation(description: dict[str, Any], model: GenerativeModel, description_path: Path,
+                       weights_bytes: int) -> None:
+    """Create the preparation model.json declares on ``model``, so that weights.pt can be
+    checked against it (errors name the key 'prepared').
+
+    Declared sizes are checked against weights.pt's size before anything is allocated: a
+    hostile description cannot make the loader allocate more than the file could hold.
+    """
+    prepared = description.get("prepared")
+    if prepared is None:
+        return
+    where = f"{description_path}: key 'prepared'"
+    if (not isinstance(prepared, dict) or set(prepared) != {"tensors", "values"}
+            or not isinstance(prepared["tensors"], dict) or not isinstance(prepared["values"], dict)):
+        raise UserError(f"{where} must be an object with keys 'tensors' and 'values'; re-save the model")
+    tensors: dict[str, Any] = {}
+    need = 0
+    for name, spec in prepared["tensors"].items():
+        ok = (isinstance(name, str) and name.isidentifier() and isinstance(spec, dict)
+              and spec.get("dtype") in _PREPARED_DTYPES and isinstance(spec.get("shape"), list)
+              and all(type(d) is int and 0 <= d < 1 << 40 for d in spec["shape"]))
+        if not ok:
+            raise UserError(f"{where}: tensor {show(name)} needs a name, a known dtype and a shape, "
+                            f"got {show(spec)}")
+        dtype = _PREPARED_DTYPES[spec["dtype"]]
+        numel = 1
+        for d in spec["shape"]:
+            numel *= d
+        need += numel * torch.empty((), dtype=dtype).element_size()
+        if need > weights_bytes + _WEIGHTS_SLACK_BYTES:
+            raise UserError(f"{where}: declares more tensor bytes than {WEIGHTS} holds ({weights_bytes})")
+        tensors[name] = (tuple(spec["shape"]), dtype)
+    for name in prepared["values"]:
+        if not (isinstance(name, str) and name.isidentifier()) or name in tensors:
+            raise UserError(f"{where}: value name {show(name)} must be an identifier and not a tensor's")
+    try:
+        model.load_preparation({**{k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in tensors.items()},
+                                **prepared["values"]})
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise UserError(f"{where}: refused by the model: {_first_line(exc)}") from None
+
+
 def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[GenerativeModel, Detector, dict]:
     """Rebuild a saved model without unpickling code; UserError on anything unexpected."""
     model_dir = Path(model_dir)
@@ -201,6 +263,7 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[Gen
     except OSError as exc:
         raise UserError(f"{weights_path}: cannot be read ({exc.strerror or _first_line(exc)})") from None
     model = _build(description, detector, description_path, weights_bytes)
+    _apply_preparation(description, model, description_path, weights_bytes)
     expected_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if weights_bytes > 2 * expected_bytes + _WEIGHTS_SLACK_BYTES:
         raise UserError(f"{weights_path}: {weights_bytes} bytes, but the model in {description_path} has only "

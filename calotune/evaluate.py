@@ -415,12 +415,15 @@ def main(argv: list[str] | None = None) -> int:
     from calotune.cli import cli_main
 
     def body(args: argparse.Namespace) -> int:
-        if not table_logger.handlers:  # the table goes to stdout, log lines to stderr
-            handler = logging.StreamHandler(sys.stdout)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            table_logger.addHandler(handler)
-            table_logger.setLevel(logging.INFO)
-            table_logger.propagate = False
+        # the table goes to this call's stdout (not the one of an earlier call in the same
+        # process, which a test harness may have replaced since), log lines to stderr
+        for old in list(table_logger.handlers):
+            table_logger.removeHandler(old)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        table_logger.addHandler(handler)
+        table_logger.setLevel(logging.INFO)
+        table_logger.propagate = False
         if args.max_events is not None and args.max_events < 4:
             raise UserError(f"--max-events must be >= 4, got {args.max_events}")
         if args.fpd_draws < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,19 +19,21 @@ def generate_batches(
     *,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    sample_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[tuple[ShowerSet, float]]:
     """Showers for each batch of conditions, one batch at a time, with the batch's sampling time (s).
 
     One generator runs through all batches, so the showers are the same whether the
     caller keeps them (:func:`generate`) or streams them to disk batch by batch and
-    holds one batch in memory (``python -m calotune.generate``).
+    holds one batch in memory (``python -m calotune.generate``). ``sample_kwargs`` are the
+    family's cost knobs (the trainer's cheaper validation); None samples at full cost.
     """
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     for conditions in condition_batches:
         batch = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in conditions.items()}
         t0 = time.perf_counter()
-        out = model.sample(batch, generator=gen)
+        out = model.sample(batch, generator=gen, **(sample_kwargs or {}))
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -48,6 +51,7 @@ def generate(
     batch_size: int = 1000,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    sample_kwargs: dict[str, Any] | None = None,
 ) -> tuple[ShowerSet, float]:
     """Showers for each condition row, and the wall time per shower in milliseconds.
 
@@ -60,7 +64,8 @@ def generate(
     )
     parts: dict[str, list[np.ndarray]] = {}
     elapsed = 0.0
-    for showers, seconds in generate_batches(model, batches, seed=seed, device=device):
+    for showers, seconds in generate_batches(model, batches, seed=seed, device=device,
+                                                  sample_kwargs=sample_kwargs):
         elapsed += seconds
         for name, cells in showers.cells.items():
             parts.setdefault(name, []).append(cells)

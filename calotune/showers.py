@@ -47,6 +47,23 @@ class ShowerSet:
             attrs=dict(self.attrs),
         )
 
+    def batch_arrays(self, indices: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """The events at ``indices`` as ``{"conditions": {...}, "cells": {...}}`` numpy arrays.
+
+        The trainer's only way into a sample besides ``len()`` and ``.conditions``: it
+        copies one batch (fancy indexing) and never the whole sample, so a training split
+        read zero-copy from Ray's object store stays shared, and a sample type with another
+        cell layout (``calotune.pointclouds``: padded hits and a mask) plugs in by
+        implementing the same method. Floating arrays are float32 (float64 files are
+        cast here, one batch at a time).
+        """
+        def take(v: np.ndarray) -> np.ndarray:
+            out = v[indices]
+            return out.astype(np.float32, copy=False) if out.dtype.kind == "f" else out
+
+        return {"conditions": {k: take(v) for k, v in self.conditions.items()},
+                "cells": {k: take(v) for k, v in self.cells.items()}}
+
     def total_energy(self) -> np.ndarray:
         """Sum of all cells of all parts, (N,) MeV."""
         return np.sum([c.sum(axis=1) for c in self.cells.values()], axis=0)

@@ -51,7 +51,7 @@ def _one_error_line(err: str, *needles: str, progress: bool = False) -> str:
     """The single ``error:`` line; ``progress`` allows INFO lines logged before the failure."""
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     if progress:
-        lines = [ln for ln in lines if not ln.startswith("INFO ")]
+        lines = [ln for ln in lines if " INFO " not in ln and not ln.startswith("INFO ")]
     assert len(lines) == 1, err
     assert lines[0].startswith("error: "), err
     assert "Traceback" not in err

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from calotune.models import zdc_swiglu
+from calotune.models.base import TrainContext
 from calotune.models.registry import make_config
 from calotune.models.zdc_swiglu import (
     MAX_VISIBLE_FRACTION,
@@ -57,6 +58,9 @@ def plain_step(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+
+
+PLAIN = TrainContext(step=plain_step)
 
 
 # ---- outputs ------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def test_train_step_finite_losses_and_updates_both_networks(use_moe: bool) -> No
         calls.append(opt)
         plain_step(loss, opt)
 
-    losses = model.train_step(real_batch(32), opts, step)
+    losses = model.train_step(real_batch(32), opts, TrainContext(step=step))
     assert calls == [opts[0], opts[0], opts[1]]  # critic_steps critic updates, then generator
     for key in ("loss_critic", "loss_generator", "loss_mask", "loss_value", "loss_energy"):
         assert isinstance(losses[key], float) and losses[key] == losses[key], key
@@ -267,7 +271,7 @@ def test_straight_through_scale_controls_the_mask_gradient() -> None:
             if opt is opts[1]:
                 grads.append(model.paths["hcal"].mask_head.weight.grad.clone())
 
-        model.train_step(real_batch(32), opts, step)
+        model.train_step(real_batch(32), opts, TrainContext(step=step))
         return grads[0]
 
     # Without straight-through the mask head learns from the adversary only through the
@@ -290,9 +294,9 @@ def test_supervised_losses_decrease_on_a_fixed_batch() -> None:
     model = tiny_model(adv_loss_weight=0.0, lr_generator=3e-3)
     opts = model.make_optimizers()
     batch = real_batch(64)
-    first = model.train_step(batch, opts, plain_step)
+    first = model.train_step(batch, opts, PLAIN)
     for _ in range(40):
-        last = model.train_step(batch, opts, plain_step)
+        last = model.train_step(batch, opts, PLAIN)
     assert last["loss_critic"] == 0.0  # adversarial part switched off entirely
     assert last["loss_mask"] < first["loss_mask"]
     assert last["loss_energy"] < first["loss_energy"]
@@ -303,7 +307,7 @@ def test_supervised_losses_decrease_on_a_fixed_batch() -> None:
 def test_state_dict_round_trip_reproduces_samples() -> None:
     model = tiny_model(use_moe=True)
     opts = model.make_optimizers()
-    model.train_step(real_batch(16), opts, plain_step)
+    model.train_step(real_batch(16), opts, PLAIN)
     state = model.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     fields = json.loads(json.dumps(dataclasses.asdict(model.config)))

@@ -20,8 +20,8 @@ import numbers
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypedDict, Union
 
 import torch
@@ -32,7 +32,9 @@ class Batch(TypedDict):
     """One training batch on the model's device.
 
     conditions: name -> (B,) float32 (see :class:`calotune.showers.ShowerSet`).
-    cells: part -> (B, n_cells) float32, MeV.
+    cells: part -> (B, n_cells) float32, MeV, for a cell-grid sample; a point-cloud sample
+        (``calotune.pointclouds``) puts its padded hits and a boolean mask here instead.
+        Floating arrays arrive as float32, others (masks, indices) keep their dtype.
     """
 
     conditions: dict[str, torch.Tensor]
@@ -42,6 +44,92 @@ class Batch(TypedDict):
 # StepFn(loss, optimizer): zero_grad, backward, average gradients across DDP ranks, clip,
 # optimizer.step(). Supplied by the trainer; the model calls it once per update.
 StepFn = Callable[[torch.Tensor, torch.optim.Optimizer], None]
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What the trainer hands to every ``train_step``: one object instead of a growing list.
+
+    Frozen, so a family cannot change the trainer's bookkeeping by accident; the trainer
+    makes a new one per step (``dataclasses.replace``, a few microseconds).
+
+    step: zero_grad, backward, gradient all-reduce over ranks, clip, optimizer.step();
+        use it for every update, so gradient synchronisation stays the trainer's business.
+    all_reduce_mean: the mean of a tensor over ranks (identity on one rank), for
+        statistics a family must agree on across ranks (a codebook's usage counts, an
+        RBM's chain statistics). Every rank must call it in the same order.
+    epoch: 0-based epoch over the whole trial (all phases).
+    global_step: 0-based count of train_step calls so far in the trial.
+    phase: name of the current :class:`Phase`; phase_epoch: 0-based epoch within it.
+    rank, world_size, device: where this step runs.
+    """
+
+    step: StepFn
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
+    epoch: int = 0
+    global_step: int = 0
+    phase: str = "train"
+    phase_epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a family's training schedule (a VQ-VAE before its GPT prior).
+
+    name: passed to train_step as ``ctx.phase``.
+    share: relative share of the trial's epochs (any positive number; shares are
+        normalised over all phases).
+    scoreable: whether a model at the end of an epoch of this phase can be judged by its
+        samples. The trainer generates, scores, reports an objective, and keeps a best
+        model only after epochs of a scoreable phase; after the others it reports the
+        training losses only, so a scheduler can neither rank nor stop the trial on them.
+    """
+
+    name: str
+    share: float = 1.0
+    scoreable: bool = True
+
+
+def allocate_epochs(phases: Sequence[Phase], max_epochs: int) -> list[tuple[Phase, int]]:
+    """Phase of each of the trial's ``max_epochs`` epochs: (phase, epoch within phase).
+
+    ``max_epochs`` means the same for every family: the total epochs a trial trains, over
+    all phases, so that budgets (and ASHA's ``training_iteration``) compare like with
+    like. It is split in proportion to the declared shares (largest remainder), each
+    phase getting at least one epoch. Refused (ValueError): no phases, a non-positive share, duplicate
+    names, fewer epochs than phases, or a last phase that is not scoreable (a trial must
+    end on a score).
+    """
+    phases = list(phases)
+    if not phases:
+        raise ValueError("a family must declare at least one phase")
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"phase names must be unique, but got {names}")
+    if any(not (p.share > 0 and math.isfinite(p.share)) for p in phases):
+        raise ValueError(f"phase shares must be positive, but got {[p.share for p in phases]}")
+    if not phases[-1].scoreable:
+        raise ValueError(f"the last phase must be scoreable, but {phases[-1].name!r} is not")
+    if max_epochs < len(phases):
+        raise ValueError(f"max_epochs >= number of phases ({len(phases)}: {names}) must hold, "
+                         f"but got max_epochs={max_epochs}")
+    total = sum(p.share for p in phases)
+    exact = [max_epochs * p.share / total for p in phases]
+    counts = [max(1, math.floor(x)) for x in exact]
+    order = sorted(range(len(phases)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    for i in order[: max(0, max_epochs - sum(counts))]:
+        counts[i] += 1
+    while sum(counts) > max_epochs:  # minimum-one bumps overshot: take from the largest
+        spare = [i for i in range(len(counts)) if counts[i] > 1]
+        counts[max(spare, key=lambda i: (counts[i] - exact[i], counts[i]))] -= 1
+    return [(p, k) for p, n in zip(phases, counts, strict=True) for k in range(n)]
 
 
 #: Field-metadata keys of a Config field's bounds: value >= ge, > gt, <= le, < lt.
@@ -174,8 +262,49 @@ def check_fields(config: Any) -> None:
         check_field(type(config), name, getattr(config, name))
 
 
+#: JSON-safe values a preparation may hold besides tensors.
+JSONValue = None | bool | int | float | str | list | dict
+
+
+class Prepared(nn.Module):
+    """Holder of a model's preparation: tensors as buffers, the rest as JSON.
+
+    Buffers travel with the model: ``.to(device)``, ``state_dict()``, DDP broadcast, and
+    ``weights.pt`` (key ``prepared.<name>``); the JSON part is written into model.json and
+    into checkpoints. Its shapes depend on the data, so a loader creates the buffers from
+    the description first (:meth:`GenerativeModel.load_preparation`), then loads weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.json: dict[str, JSONValue] = {}
+
+
 class GenerativeModel(nn.Module, ABC):
-    """A conditional shower generator with its own training step."""
+    """A conditional shower generator with its own training step.
+
+    The contract, beyond the abstract methods (every hook has a default that a family
+    with one plain training stage never needs to override):
+
+    - :meth:`phases`: the ordered training stages; the trial's ``max_epochs`` is their
+      total (:func:`allocate_epochs`).
+    - :meth:`prepare`: once per trial, before training, statistics of the training split
+      (a normalisation, a hits-per-energy histogram); stored with the model so a loaded
+      model samples identically.
+    - :meth:`training_state` / :meth:`load_training_state`: everything the trainer cannot
+      see that a resumed trial needs to take the very same next step (LR schedulers, EMA
+      weights, persistent Gibbs chains). Optimiser states, the model's ``state_dict`` and
+      the random-generator states are saved by the trainer. Weights that ``sample`` uses
+      (EMA weights used for sampling, say) belong in the ``state_dict`` as buffers, so
+      that they are part of the saved model.
+    - :meth:`validation_sample_kwargs`: extra ``sample`` arguments that make validation
+      cheaper (fewer diffusion or Gibbs steps); scores made with them are reported under
+      names suffixed ``_fast`` (see :mod:`calotune.tuning.worker`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared = Prepared()
 
     @abstractmethod
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -183,17 +312,80 @@ class GenerativeModel(nn.Module, ABC):
 
     @abstractmethod
     def train_step(
-        self, batch: Batch, optimizers: list[torch.optim.Optimizer], step: StepFn
+        self, batch: Batch, optimizers: list[torch.optim.Optimizer], ctx: TrainContext
     ) -> dict[str, float]:
         """One optimisation step on a batch; return the loss terms as Python floats.
 
-        Use ``step(loss, optimizer)`` for every update so that the trainer can handle
+        Use ``ctx.step(loss, optimizer)`` for every update so that the trainer can handle
         gradient synchronisation. A non-finite loss is detected by the trainer.
         """
 
     @abstractmethod
     @torch.no_grad()
     def sample(
-        self, conditions: dict[str, torch.Tensor], generator: torch.Generator | None = None
+        self, conditions: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
-        """Generate one shower per condition row: part -> (B, n_cells), MeV, all >= 0."""
+        """Generate one shower per condition row: part -> (B, n_cells), MeV, all >= 0.
+
+        ``kwargs`` are the family's cost knobs (see :meth:`validation_sample_kwargs`);
+        without them, sampling is at full cost, as for the test split and for users.
+        """
+
+    # ---- optional hooks -------------------------------------------------------------
+    def phases(self) -> tuple[Phase, ...]:
+        """The ordered training phases; default: one scoreable phase named ``train``."""
+        return (Phase("train"),)
+
+    def prepare(self, train: Any) -> dict[str, torch.Tensor | JSONValue]:
+        """Statistics of the training split, computed once per trial (default: none).
+
+        ``train`` offers ``len()``, ``.conditions`` (name -> (N,) numpy) and
+        ``batch_arrays(indices)`` (see :class:`calotune.showers.ShowerSet`); read cells
+        through batch_arrays, in chunks, never as a whole. Return name -> tensor or
+        JSON-safe value; the trainer applies it with :meth:`load_preparation` on every
+        rank (the result must be the same on all), and the family reads it back as
+        ``self.prepared.<name>`` (tensors) or ``self.prepared.json[name]``.
+        """
+        return {}
+
+    def load_preparation(self, prepared: dict[str, torch.Tensor | JSONValue]) -> None:
+        """Store a preparation on the model: tensors as buffers, the rest as JSON.
+
+        Called by the trainer after :meth:`prepare` and by :func:`calotune.artifacts.load_model`
+        (from model.json and weights.pt) before the weights are loaded.
+        """
+        ref = next(iter(self.parameters()), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        holder = Prepared()
+        for name, value in prepared.items():
+            if not name.isidentifier():
+                raise ValueError(f"preparation names must be identifiers, but got {name!r}")
+            if isinstance(value, torch.Tensor):
+                holder.register_buffer(name, value.detach().to(device).clone())
+            else:
+                holder.json[name] = value
+        self.prepared = holder
+
+    def preparation(self) -> dict[str, torch.Tensor | JSONValue]:
+        """The current preparation (tensors on CPU), as :meth:`load_preparation` takes it."""
+        out: dict[str, torch.Tensor | JSONValue] = {
+            k: v.detach().cpu() for k, v in self.prepared.named_buffers()
+        }
+        out.update(self.prepared.json)
+        return out
+
+    def training_state(self) -> dict[str, Any]:
+        """Family state outside ``state_dict`` and the optimisers (default: none).
+
+        Tensors, numbers, strings, lists and dicts only: checkpoints are read with
+        ``torch.load(weights_only=True)``.
+        """
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned."""
+
+    def validation_sample_kwargs(self) -> dict[str, Any]:
+        """``sample`` arguments for per-epoch validation (default: none, full cost)."""
+        return {}

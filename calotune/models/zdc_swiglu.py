@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calotune.models.base import Batch, GenerativeModel, StepFn, bounded, check_fields
+from calotune.models.base import Batch, GenerativeModel, TrainContext, bounded, check_fields
 
 DETECTORS = ("zdc",)
 
@@ -378,9 +378,15 @@ class ZDCSwiGLU(GenerativeModel):
 
     @torch.no_grad()
     def sample(
-        self, conditions: dict[str, torch.Tensor], generator: torch.Generator | None = None
+        self, conditions: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
-        """One shower per row, MeV, >= 0, most cells exactly 0; chunked to bound memory."""
+        """One shower per row, MeV, >= 0, most cells exactly 0; chunked to bound memory.
+
+        One forward pass per shower: there is no cheaper setting, so no cost knob.
+        """
+        if kwargs:
+            raise TypeError(f"zdc_swiglu.sample() has no cost knobs, but got {sorted(kwargs)}")
         was_training = self.training
         self.eval()
         device = self.input.weight.device
@@ -428,8 +434,11 @@ class ZDCSwiGLU(GenerativeModel):
         ]
 
     def train_step(
-        self, batch: Batch, optimizers: list[torch.optim.Optimizer], step: StepFn
+        self, batch: Batch, optimizers: list[torch.optim.Optimizer], ctx: TrainContext
     ) -> dict[str, float]:
+        """One critic update (or ``critic_steps``) then one generator update; a GAN has
+        one phase, no preparation and no state besides its weights and optimisers."""
+        step = ctx.step
         cfg = self.config
         opt_critic, opt_gen = optimizers
         conditions, real = batch["conditions"], batch["cells"]

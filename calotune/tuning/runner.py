@@ -110,10 +110,14 @@ class FailAwareOptunaSearch(OptunaSearch):
 
     Ray's OptunaSearch marks a trial COMPLETE whenever its last result holds the metric,
     so a trial whose loss went NaN at epoch 5 would be scored with its epoch-4 value.
+
+    A result without the objective (an epoch of an unscoreable phase, e.g. a VQ-VAE's
+    autoencoder stage before its prior is trained) is no intermediate value: Optuna's
+    pruner and TPE see scoreable epochs only. Ray's OptunaSearch would raise KeyError.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if FAILED_KEY not in result:
+        if FAILED_KEY not in result and (not isinstance(self.metric, str) or self.metric in result):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -137,6 +141,12 @@ class BaselineKeepingASHA(AsyncHyperBandScheduler):
         self._baseline = baseline
 
     def on_trial_result(self, tune_controller, trial, result):  # type: ignore[override]
+        """CONTINUE for a result without the metric (an unscoreable epoch): it is never
+        recorded in a rung, so no trial is ranked or stopped on it. Ray 2.60's ASHA does
+        the same (calotune runs Tune with TUNE_DISABLE_STRICT_METRIC_CHECKING=1, so such a
+        result reaches it); the check is repeated here so that it does not hang on that."""
+        if self.metric not in result:
+            return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         if is_baseline(trial.config, self._baseline):
             return TrialScheduler.CONTINUE

@@ -9,6 +9,7 @@ and inside a Ray Train ``TorchTrainer`` worker group (DDP).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from calotune.artifacts import save_model
 from calotune.data.splits import Splits
 from calotune.detectors import get_detector
-from calotune.models.base import Batch
+from calotune.models.base import Batch, GenerativeModel, TrainContext, allocate_epochs
 from calotune.models.registry import build_model
 from calotune.sampling import generate
 from calotune.showers import ShowerSet
@@ -101,12 +102,6 @@ def make_step_fn(world_size: int, grad_clip: float):
     return step
 
 
-def _to_tensors(showers: ShowerSet, device: torch.device) -> tuple[dict, dict]:
-    cond = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in showers.conditions.items()}
-    cells = {k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in showers.cells.items()}
-    return cond, cells
-
-
 def objective_value(metrics: dict[str, float], metric: str) -> float:
     """Look up an objective in an epoch's metrics; NaN scores fail the trial."""
     value = float(metrics[metric])
@@ -149,7 +144,12 @@ def _train(
     device: torch.device,
     resume_dir: Path | None = None,
 ) -> None:
-    """Train for ``ctx.max_epochs`` epochs, reporting after each."""
+    """Train for ``ctx.max_epochs`` epochs over the family's phases, reporting after each.
+
+    A checkpoint holds everything the next step depends on (model, preparation,
+    optimisers, the family's training state, every rank's random generators, the epoch
+    and step counters), so a resumed trial takes the same next step as one never stopped.
+    """
     rank, world_size = _world()
     torch.manual_seed(ctx.seed)
     np_rng = np.random.default_rng(ctx.seed + 1000 * rank)
@@ -158,27 +158,40 @@ def _train(
                     **{k: v for k, v in params.items() if k not in TRAINER_PARAMS}}
     batch_size = int(params.get("batch_size", ctx.fixed.get("batch_size", TrainerConfig().batch_size)))
     model = build_model(ctx.family, model_params, detector).to(device)
-    if world_size > 1:  # identical start on every rank
+    schedule = allocate_epochs(model.phases(), ctx.max_epochs)
+    state: dict[str, Any] | None = None
+    if resume_dir is not None and (resume_dir / TRAIN_STATE).is_file():
+        state = torch.load(resume_dir / TRAIN_STATE, map_location=device, weights_only=True)
+    # The preparation is restored rather than recomputed on resume: it may be costly, and
+    # the checkpoint's weights were trained against exactly this one.
+    model.load_preparation(state["preparation"] if state is not None else model.prepare(data.train))
+    if world_size > 1:  # identical start (and preparation) on every rank
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
     optimizers = model.make_optimizers()
     step = make_step_fn(world_size, ctx.grad_clip)
+    base_ctx = TrainContext(step=step, all_reduce_mean=_all_reduce_mean(world_size), rank=rank,
+                            world_size=world_size, device=device)
     metric, mode = ctx.objectives[0]
     multi = len(ctx.objectives) > 1
     sign = 1.0 if mode == "min" else -1.0
 
-    start_epoch, best = 0, math.inf
-    if resume_dir is not None and (resume_dir / TRAIN_STATE).is_file():
-        state = torch.load(resume_dir / TRAIN_STATE, map_location=device, weights_only=True)
+    start_epoch, best, global_step = 0, math.inf, 0
+    if state is not None:
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
+        model.load_training_state(state.get("family", {}))
         start_epoch, best = int(state["epoch"]), float(state["best"])
+        global_step = int(state.get("global_step", 0))
+        rng = state.get("rng", [])
+        if len(rng) == world_size:
+            _set_rng_state(rng[rank], np_rng, device)
+        else:
+            log.warning("checkpoint from %d rank(s), now %d: random streams restart", len(rng), world_size)
         log.info("resuming at epoch %d (best %s=%.5g)", start_epoch, metric, sign * best)
 
-    shard = np.arange(len(data.train))[rank::world_size]
-    cond, cells = _to_tensors(data.train.subset(shard), device)
-    n = len(shard)
+    shard = np.arange(len(data.train))[rank::world_size]  # indices only: the data stays shared
     # The best model so far lives here between epochs and is copied into every checkpoint,
     # so the latest checkpoint always carries both the resumable state and the best model.
     with tempfile.TemporaryDirectory(prefix="calotune-best-") as keep:
@@ -186,66 +199,197 @@ def _train(
         if resume_dir is not None and (resume_dir / BEST_DIR).is_dir():
             shutil.copytree(resume_dir / BEST_DIR, best_dir)
         for epoch in range(start_epoch, ctx.max_epochs):
+            phase, phase_epoch = schedule[epoch]
             inject_fault(model, params, epoch + 1)
-            sums, n_batches, train_s = _train_epoch(model, optimizers, step, cond, cells,
-                                                    np_rng.permutation(n), batch_size)
+            epoch_ctx = dataclasses.replace(base_ctx, epoch=epoch, phase=phase.name, phase_epoch=phase_epoch)
+            order = shard[np_rng.permutation(len(shard))]
+            sums, n_batches, train_s = _train_epoch(model, optimizers, epoch_ctx, data.train, order,
+                                                    batch_size, global_step)
+            global_step += n_batches
             metrics: dict[str, Any] = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
             metrics["epoch_time_s"] = train_s
+            scores: dict[str, float] | None = None
+            if phase.scoreable:
+                scores = _validate(model, detector, data, ctx, epoch, rank, world_size, device)
+            rng_states = _gather(_rng_state(np_rng, device), world_size)
             with tempfile.TemporaryDirectory(prefix="calotune-ckpt-") as tmp:
                 checkpoint_dir: Path | None = None
                 if rank == 0:
-                    generated, ms_per_shower = generate(
-                        model, data.validation.conditions, batch_size=ctx.validation_batch,
-                        seed=ctx.seed + epoch, device=device,
-                    )
-                    metrics.update(detector.scores(data.validation, generated))
-                    metrics["gen_time_ms"] = ms_per_shower
-                    metrics["node_id"] = _node_id()
-                    value = objective_value(metrics, metric)
-                    for other, _ in ctx.objectives[1:]:
-                        # the per-epoch curve; the name itself is the trial's score, which
-                        # the tracker records only for a trial that did not fail
-                        metrics[f"{other}_epoch"] = objective_value(metrics, other)
-                    # One objective: keep the best epoch (ASHA and TPE see the running best).
-                    # Several: the trade-off is the final model's, so it is always the latest.
-                    if sign * value < best or multi:
-                        best = sign * value
-                        shutil.rmtree(best_dir, ignore_errors=True)
-                        save_model(best_dir, model, family=ctx.family, detector=detector,
-                                   params=model_params,
-                                   info={"epoch": epoch + 1, "metrics": _floats(metrics)})
-                    metrics[f"{metric}_epoch"] = value
-                    if not multi:
-                        metrics[metric] = sign * best
+                    if scores is not None:  # only a scoreable epoch names an objective
+                        metrics.update(scores)
+                        metrics["node_id"] = _node_id()
+                        value = objective_value(metrics, metric)
+                        for other, _ in ctx.objectives[1:]:
+                            # the per-epoch curve; the name itself is the trial's score, which
+                            # the tracker records only for a trial that did not fail
+                            metrics[f"{other}_epoch"] = objective_value(metrics, other)
+                        # One objective: keep the best epoch (ASHA and TPE see the running best).
+                        # Several: the trade-off is the final model's, so it is always the latest.
+                        if sign * value < best or multi:
+                            best = sign * value
+                            shutil.rmtree(best_dir, ignore_errors=True)
+                            save_model(best_dir, model, family=ctx.family, detector=detector,
+                                       params=model_params,
+                                       info={"epoch": epoch + 1, "phase": phase.name,
+                                             "metrics": _floats(metrics)})
+                        metrics[f"{metric}_epoch"] = value
+                        if not multi:
+                            metrics[metric] = sign * best
                     checkpoint_dir = Path(tmp)
                     torch.save({"model": model.state_dict(),
+                                "preparation": model.preparation(),
                                 "optimizers": [o.state_dict() for o in optimizers],
-                                "epoch": epoch + 1, "best": best}, checkpoint_dir / TRAIN_STATE)
-                    shutil.copytree(best_dir, checkpoint_dir / BEST_DIR)
+                                "family": model.training_state(),
+                                "rng": rng_states,
+                                "epoch": epoch + 1, "global_step": global_step, "best": best},
+                               checkpoint_dir / TRAIN_STATE)
+                    if best_dir.is_dir():
+                        shutil.copytree(best_dir, checkpoint_dir / BEST_DIR)
                 reporter(metrics, checkpoint_dir)
-            log.info("epoch %d/%d %s=%.5g (%.1fs)", epoch + 1, ctx.max_epochs, metric,
+            log.info("epoch %d/%d (%s) %s=%.5g (%.1fs)", epoch + 1, ctx.max_epochs, phase.name, metric,
                      metrics.get(metric, float("nan")), train_s)
 
 
-def _train_epoch(model, optimizers, step, cond, cells, order: np.ndarray, batch_size: int):
-    """One pass over the (shard of the) training data; loss sums, batch count, seconds."""
+#: Suffix of every validation score made at a family's reduced sampling cost.
+FAST_SUFFIX = "_fast"
+
+
+def _validate(model: GenerativeModel, detector: Any, data: Splits, ctx: TrialContext, epoch: int,
+              rank: int, world_size: int, device: torch.device) -> dict[str, float] | None:
+    """Scores of the validation sample (on rank 0; None elsewhere), generated by all ranks.
+
+    Each rank generates a contiguous slice of the validation conditions and rank 0
+    gathers them, so no rank idles while another generates. With the family's
+    ``validation_sample_kwargs()`` (cheaper sampling), every score and gen_time_ms is
+    reported under its name suffixed ``_fast``, and the objectives Tune ranks on are copied
+    under their plain names too: a scheduler and a searcher know one name, and every trial
+    of a search is the same family at the same cost, so they stay comparable. The test
+    split after the search is always scored at full cost, under the plain names.
+    """
+    kwargs = model.validation_sample_kwargs()
+    conditions = data.validation.conditions
+    n = len(conditions["energy"])
+    lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
+    mine = {k: v[lo:hi] for k, v in conditions.items()}
+    cells: dict[str, np.ndarray] = {}
+    seconds = 0.0
+    if hi > lo:
+        shard, ms = generate(model, mine, batch_size=ctx.validation_batch,
+                             seed=ctx.seed + epoch + 1_000_003 * rank, device=device, sample_kwargs=kwargs)
+        cells, seconds = shard.cells, ms * (hi - lo) / 1e3
+    pieces = _gather((cells, seconds), world_size, to_rank0=True)
+    if rank != 0:
+        return None
+    parts = [c for c, _ in pieces if c]
+    generated = ShowerSet(conditions=dict(conditions),
+                          cells={k: np.concatenate([c[k] for c in parts]) for k in parts[0]})
+    scores = dict(detector.scores(data.validation, generated))
+    scores["gen_time_ms"] = 1e3 * sum(s for _, s in pieces) / max(n, 1)
+    if not kwargs:
+        return scores
+    fast = {f"{k}{FAST_SUFFIX}": v for k, v in scores.items()}
+    for name, _ in ctx.objectives:
+        if name in scores:
+            fast[name] = scores[name]
+    fast["validation_fast"] = 1.0
+    return fast
+
+
+def _gather(obj: Any, world_size: int, *, to_rank0: bool = False) -> list[Any]:
+    """``obj`` of every rank, in rank order (gloo or NCCL); [obj] on one rank."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    if to_rank0:
+        dist.gather_object(obj, out if dist.get_rank() == 0 else None, dst=0)
+    else:
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_reduce_mean(world_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """TrainContext.all_reduce_mean: a new tensor, the mean over ranks (identity on one)."""
+    if world_size == 1:
+        return lambda tensor: tensor
+
+    def mean(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / world_size
+
+    return mean
+
+
+def _rng_state(np_rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
+    """This rank's random streams: torch CPU, the device's CUDA stream, the shuffling Generator.
+
+    NumPy's state holds 128-bit integers, kept as JSON text so that the checkpoint loads
+    with ``torch.load(weights_only=True)`` whatever ints that accepts.
+    """
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "numpy": json.dumps(np_rng.bit_generator.state)}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], np_rng: np.random.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np_rng.bit_generator.state = json.loads(state["numpy"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _to_device(arrays: dict[str, dict[str, np.ndarray]], device: torch.device,
+               stream: Any = None) -> Batch:
+    """numpy batch -> tensors on ``device``; on CUDA pinned and copied on ``stream``
+    (non-blocking), so the next batch's copy overlaps this batch's compute."""
+    if device.type != "cuda":
+        return {"conditions": {k: torch.from_numpy(v) for k, v in arrays["conditions"].items()},
+                "cells": {k: torch.from_numpy(v) for k, v in arrays["cells"].items()}}
+    with torch.cuda.stream(stream):
+        return {"conditions": {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True)
+                               for k, v in arrays["conditions"].items()},
+                "cells": {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True)
+                          for k, v in arrays["cells"].items()}}
+
+
+def _train_epoch(model: GenerativeModel, optimizers: list[torch.optim.Optimizer], ctx: TrainContext,
+                 train_set: Any, order: np.ndarray, batch_size: int,
+                 global_step: int) -> tuple[dict[str, float], int, float]:
+    """One pass over this rank's shard; loss sums, batch count, seconds.
+
+    Batches are gathered from host memory (``train_set.batch_arrays``) one at a time and
+    the next one is prefetched while the model trains on the current one: device memory
+    holds two batches, not the shard.
+    """
     model.train()
     t0 = time.perf_counter()
-    n = len(order)
-    order_t = torch.as_tensor(order, device=next(iter(cond.values())).device)
+    device = ctx.device
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    starts = list(range(0, max(len(order) - batch_size, 0) + 1, batch_size))
+
+    def load(i: int) -> Batch:
+        return _to_device(train_set.batch_arrays(order[i : i + batch_size]), device, stream)
+
     sums: dict[str, float] = {}
-    n_batches = 0
-    for i in range(0, max(n - batch_size, 0) + 1, batch_size):
-        idx = order_t[i : i + batch_size]
-        batch: Batch = {"conditions": {k: v[idx] for k, v in cond.items()},
-                        "cells": {k: v[idx] for k, v in cells.items()}}
-        losses = model.train_step(batch, optimizers, step)
+    upcoming = load(starts[0]) if starts else None
+    for j in range(len(starts)):
+        batch = upcoming
+        assert batch is not None
+        if stream is not None:
+            torch.cuda.current_stream(device).wait_stream(stream)
+            for group in batch.values():
+                for t in group.values():
+                    t.record_stream(torch.cuda.current_stream(device))
+        upcoming = load(starts[j + 1]) if j + 1 < len(starts) else None
+        losses = model.train_step(batch, optimizers,
+                                  dataclasses.replace(ctx, global_step=global_step + j))
         for k, v in losses.items():
             if not math.isfinite(v):
                 raise NonFiniteLossError(f"{k} became {v}")
             sums[k] = sums.get(k, 0.0) + v
-        n_batches += 1
-    return sums, n_batches, time.perf_counter() - t0
+    return sums, len(starts), time.perf_counter() - t0
 
 
 FAULT_ENV = "CALOTUNE_FAULT"
