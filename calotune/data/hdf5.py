@@ -582,15 +582,7 @@ class StreamWriter:
         try:
             for key, value in datasets.items():
                 value = np.asarray(value)
-                if key not in self._file:
-                    row_bytes = max(int(np.prod(value.shape[1:], dtype=np.int64)) * value.dtype.itemsize, 1)
-                    chunk_rows = max(1, min(self.chunk_bytes // row_bytes, 1 << 16))
-                    self._file.create_dataset(
-                        key, shape=(0, *value.shape[1:]), maxshape=(None, *value.shape[1:]), dtype=value.dtype,
-                        chunks=(chunk_rows, *value.shape[1:]), compression="gzip",
-                        compression_opts=self.compression_level,
-                    )
-                dataset = self._file[key]
+                dataset = self._dataset(key, value)
                 if dataset.shape[1:] != value.shape[1:] or dataset.shape[0] != self.rows:
                     raise ValueError(
                         f"StreamWriter.append: {key!r} block {value.shape} does not extend {dataset.shape}"
@@ -601,6 +593,41 @@ class StreamWriter:
         except (OSError, RuntimeError, UserError) as exc:
             self._raise(exc)
         self.rows += n
+
+    def _dataset(self, key: str, value: np.ndarray) -> h5py.Dataset:
+        """``key``'s growable dataset, created on first use with chunks of ~chunk_bytes."""
+        if key not in self._file:
+            row_bytes = max(int(np.prod(value.shape[1:], dtype=np.int64)) * value.dtype.itemsize, 1)
+            chunk_rows = max(1, min(self.chunk_bytes // row_bytes, 1 << 16))
+            self._file.create_dataset(
+                key, shape=(0, *value.shape[1:]), maxshape=(None, *value.shape[1:]), dtype=value.dtype,
+                chunks=(chunk_rows, *value.shape[1:]), compression="gzip",
+                compression_opts=self.compression_level,
+            )
+        return self._file[key]
+
+    def extend(self, datasets: Mapping[str, np.ndarray]) -> None:
+        """Like :meth:`append`, but every dataset grows by its own row count.
+
+        For ragged layouts (point clouds: ``hits`` grows by hits, ``offsets`` by events).
+        :attr:`rows` is not changed: the caller counts its events. Do not mix with
+        :meth:`append` on the same datasets.
+        """
+        if self._file is None or self._guard is None:
+            raise RuntimeError("StreamWriter.extend outside its with block")
+        try:
+            for key, value in datasets.items():
+                value = np.asarray(value)
+                dataset = self._dataset(key, value)
+                if dataset.shape[1:] != value.shape[1:]:
+                    raise ValueError(f"StreamWriter.extend: {key!r} block {value.shape} cannot extend {dataset.shape}")
+                start = dataset.shape[0]
+                if len(value):
+                    dataset.resize(start + len(value), axis=0)
+                    dataset[start:] = value
+            self._guard.check(self.path)
+        except (OSError, RuntimeError, UserError) as exc:
+            self._raise(exc)
 
     def _fail(self) -> None:
         if self._tmp is not None:
@@ -1001,4 +1028,95 @@ def read_attrs(
             )
         else:
             log.warning("%s: ignoring attribute %r, which %s", where, name, problem)
+    return out
+
+
+# --------------------------------------------------------------------------- ragged data
+
+
+
+def read_offsets(
+    file: h5py.File,
+    key: str,
+    path: Path | str,
+    *,
+    n_events: int,
+    events_key: str,
+    n_items: int,
+    items_key: str,
+    max_events: int | None = None,
+    max_per_event: int | None = None,
+) -> np.ndarray:
+    """Read a CSR offsets dataset (N + 1,) int64 and check it against the data it indexes.
+
+    Refused, naming the file and key: not an integer dataset, not 1-D (or (N + 1, 1)),
+    not N + 1 entries for the N rows of ``events_key``, a first entry other than 0,
+    decreasing entries, a last entry other than the ``n_items`` rows of ``items_key``, and
+    (with ``max_per_event``) an event with more items than that, which would make every
+    padded batch that holds it that large. Only the first ``max_events`` + 1 entries are
+    returned (all entries are checked, block by block, so memory stays bounded).
+    """
+    where = f"{path}: key {key!r}"
+    obj = get_dataset(file, key, path)
+    try:
+        dtype, shape, chunks = obj.dtype, obj.shape, obj.chunks
+    except H5_ERRORS as exc:
+        raise UserError(f"{where} has a type or shape h5py cannot read ({error_cause(exc)}); store int64") from None
+    if shape is None or dtype.kind not in "iu":
+        raise UserError(f"{where} has dtype {dtype} but must be an integer array (int64) of event offsets")
+    if len(shape) == 2 and shape[1] == 1:
+        shape = (shape[0],)
+    if len(shape) != 1:
+        raise UserError(f"{where} has shape {obj.shape} but must be 1-D (N + 1,) event offsets")
+    if shape[0] != n_events + 1:
+        raise UserError(
+            f"{where} has {shape[0]} entries but {events_key!r} has {n_events} events; offsets need N + 1 entries"
+        )
+    if chunks is not None and int(np.prod(chunks, dtype=np.int64)) * dtype.itemsize > MAX_CHUNK_BYTES:
+        raise UserError(f"{where} has chunks over {_gib(MAX_CHUNK_BYTES)}; rewrite it with smaller chunks")
+    declared = int(shape[0]) * dtype.itemsize
+    try:
+        stored = obj.id.get_storage_size()
+    except H5_ERRORS as exc:
+        raise UserError(f"{where} has an unreadable storage layout ({error_cause(exc)}); the file is corrupt") from None
+    if declared > MAX_COMPRESSION_RATIO * stored + _STORAGE_SLACK:
+        raise UserError(
+            f"{where} declares {shape[0]} entries but the file stores only {stored} bytes of them; re-write it"
+        )
+    keep = shape[0] if max_events is None else min(shape[0], max(int(max_events), 0) + 1)
+    check_memory(keep * 8 + READ_BLOCK_BYTES, f"{where}: reading {keep} offsets", "read fewer events")
+    out = np.empty(keep, np.int64)
+    block = max(1, READ_BLOCK_BYTES // 8)
+    previous = 0
+    for lo in range(0, shape[0], block):
+        hi = min(shape[0], lo + block)
+        try:
+            part = np.asarray(obj[lo:hi]).reshape(-1).astype(np.int64)
+        except (*H5_ERRORS, OverflowError) as exc:
+            raise UserError(
+                f"{where}: entries {lo}-{hi - 1} cannot be read ({error_cause(exc)}); the file is corrupt"
+            ) from None
+        if lo == 0 and part[0] != 0:
+            raise UserError(f"{where} starts at {part[0]} but must start at 0")
+        # steps[j] = offsets[lo + j] - offsets[lo + j - 1]: the item count of event lo + j - 1
+        steps = np.diff(np.concatenate([[previous], part]))
+        if (steps < 0).any():
+            i = lo + int(np.argmax(steps < 0))
+            raise UserError(
+                f"{where} decreases at entry {i}; offsets must be non-decreasing (event i's items "
+                f"are rows offsets[i]:offsets[i + 1] of {items_key!r})"
+            )
+        if max_per_event is not None and steps.max(initial=0) > max_per_event:
+            j = int(np.argmax(steps > max_per_event))
+            raise UserError(
+                f"{where}: event {lo + j - 1} has {int(steps[j])} items, more than the limit of "
+                f"{max_per_event}; split or subsample that event"
+            )
+        previous = int(part[-1])
+        if lo < keep:
+            out[lo : min(hi, keep)] = part[: min(hi, keep) - lo]
+    if previous != n_items:
+        raise UserError(
+            f"{where} ends at {previous} but {items_key!r} has {n_items} rows; the last offset must equal it"
+        )
     return out
