@@ -104,3 +104,16 @@ def test_resources_no_node_can_hold_are_refused(flags: list[str], needle: str, t
     assert needle in errors[0] and "the Ray cluster has" in errors[0]
     assert "Traceback" not in proc.stderr and " WARNING " not in proc.stderr, proc.stderr
     assert not (home / "mlflow.db").exists() and not (home / "ray_results").exists()
+
+
+def test_a_budget_smaller_than_the_familys_phases_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Each phase needs an epoch: a two-stage family with --max-epochs 1 fails every trial."""
+    from calotune.models.base import Phase
+    from calotune.models.zdc_swiglu import ZDCSwiGLU
+
+    monkeypatch.setattr(ZDCSwiGLU, "phases", lambda self: (Phase("encoder", 1.0, scoreable=False),
+                                                           Phase("prior", 1.0)))
+    home = tmp_path / "home"
+    _assert_clean(_run(home, "--max-epochs", "1"), capsys.readouterr().err, home,
+                  "--max-epochs 1", "['encoder', 'prior']")

@@ -201,6 +201,7 @@ def plan_search(args: SearchRequest) -> Plan:
         resources = {**spec.resources, **overrides}
     spec = dataclasses.replace(spec, resources=resources, trials=trials, max_epochs=max_epochs)
     detector = get_detector(spec.detector, **spec.geometry)
+    _check_phases(spec, detector, "--max-epochs" if args.max_epochs else f"{spec.source}: budget.max_epochs")
     if data_flag is not None:
         if not data_flag.is_file():
             raise UserError(f"--data {data_flag}: file does not exist")
@@ -223,6 +224,27 @@ def plan_search(args: SearchRequest) -> Plan:
     return Plan(spec=spec, detector=detector, showers=showers, data_path=data_path, data_hash=data_hash,
                 uri=uri, storage=storage, home=home, name=name, seed=seed,
                 resume=args.resume is not None, record=record, address=args.address)
+
+
+def _check_phases(spec, detector, where: str) -> None:
+    """The family's phases must fit the epoch budget (each needs one epoch), or every trial
+    would fail after Ray started; checked on a model built on the meta device (no memory)."""
+    import torch
+
+    from calotune.models.base import allocate_epochs
+    from calotune.models.registry import build_model, config_fields
+
+    defaults = {name: f.default for name, f in config_fields(spec.family).items()
+                if f.default is not dataclasses.MISSING}
+    params = {**spec.defaults(defaults), **spec.fixed}
+    model_params = {k: v for k, v in params.items() if k in config_fields(spec.family)}
+    with torch.device("meta"):
+        phases = build_model(spec.family, model_params, detector).phases()
+    try:
+        allocate_epochs(phases, spec.max_epochs)
+    except ValueError as exc:
+        raise UserError(f"{where} {spec.max_epochs}: family {spec.family!r} trains in phases "
+                        f"{[p.name for p in phases]}: {exc}") from None
 
 
 def _check_split_sizes(spec, n: int, data_path: Path, args: SearchRequest) -> None:
