@@ -22,7 +22,7 @@ import torch
 
 from calotune.data.splits import split
 from calotune.detectors import get_detector
-from calotune.spec import load_spec
+from calotune.spec import SchedulerSpec, load_spec
 from calotune.tuning.orchestrate import trial_context
 from calotune.tuning.worker import train
 
@@ -83,9 +83,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     torch.set_num_threads(1)
-    spec = dataclasses.replace(load_spec("zdc_swiglu_tiny"), scheduler={"type": "none"})
+    spec = dataclasses.replace(load_spec("zdc_swiglu_tiny"), scheduler=SchedulerSpec(type="none"))
     detector = get_detector(spec.detector, **spec.geometry)
-    splits = split(detector.synthesize(spec.data["events"], seed=1), seed=0)
+    splits = split(detector.synthesize(spec.data.events, seed=1), seed=0)
     ctx = trial_context(spec, detector, seed=0)  # the very mapping the search uses
     plain = plain_optuna(spec, ctx, splits, args.trials)
     results = {"trials": args.trials, "epochs_per_trial": ctx.max_epochs, "plain_optuna_s": plain,
@@ -96,7 +96,7 @@ def main() -> None:
             results[f"ray_init_s_c{concurrent}"] = init_s
             results[f"calotune_fit_s_c{concurrent}"] = fit_s
         if args.ddp_trials:
-            ddp_spec = dataclasses.replace(spec, resources={**spec.resources, "workers_per_trial": 2})
+            ddp_spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, workers_per_trial=2))
             _, fit_s = calotune_search(ddp_spec, ctx, splits, args.ddp_trials, 1, Path(tmp) / "ddp")
             results["ddp_2_workers_s_per_trial"] = fit_s / args.ddp_trials
     results["plain_s_per_trial"] = plain / args.trials

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,42 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """``data``: the built-in synthetic sample (used without --data) and the split."""
+
+    events: int = DEFAULT_EVENTS
+    seed: int = 1
+    synthesis: dict[str, Any] = field(default_factory=dict)
+    """Options of the detector's synthetic showers (ZDC: particle, mode), checked by it."""
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+    test_fraction: float = DEFAULT_TEST_FRACTION
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """``scheduler``: ASHA's rungs (``type: none`` runs every trial to the end)."""
+
+    type: str = "asha"
+    grace_period: int = 2
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """``resources``: what one trial asks the Ray cluster for."""
+
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    workers_per_trial: int = 1
+    max_concurrent_trials: int | None = None
+    """At most this many trials at once (None: as many as the cluster holds)."""
+
+    def as_record(self) -> dict[str, Any]:
+        """The set fields, for records (MLflow params, the resume check)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class SearchSpec:
     """A validated search space: what to search, on what, how, with what resources."""
 
@@ -137,13 +173,13 @@ class SearchSpec:
     family: str
     detector: str
     geometry: dict[str, Any]
-    data: dict[str, Any]
+    data: DataSpec
     objectives: tuple[Objective, ...]
     select: str
     trials: int
     max_epochs: int
-    scheduler: dict[str, Any]
-    resources: dict[str, Any]
+    scheduler: SchedulerSpec
+    resources: ResourceSpec
     params: tuple[Param, ...]
     fixed: dict[str, Any]
 
@@ -630,13 +666,13 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         family=family,
         detector=detector_name,
         geometry=geometry,
-        data=data,
+        data=DataSpec(**data),
         objectives=objectives,
         select=str(select),
         trials=budget.get("trials", 12),
         max_epochs=budget.get("max_epochs", 8),
-        scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2, **scheduler},
-        resources={"cpus_per_trial": 1, "gpus_per_trial": 0, "workers_per_trial": 1, **resources},
+        scheduler=SchedulerSpec(**scheduler),
+        resources=ResourceSpec(**resources),
         params=tuple(params.values()),
         fixed=dict(fixed),
     )

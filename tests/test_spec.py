@@ -262,4 +262,4 @@ def test_data_synthesis_options_belong_to_the_detector(data: dict, needle: str) 
 def test_valid_synthesis_options_are_kept() -> None:
     raw = _tiny_raw()
     raw["data"]["synthesis"] = {"particle": "photon", "mode": "pencil"}
-    assert parse_spec(raw, "space.yaml").data["synthesis"] == {"particle": "photon", "mode": "pencil"}
+    assert parse_spec(raw, "space.yaml").data.synthesis == {"particle": "photon", "mode": "pencil"}

@@ -181,7 +181,9 @@ def test_bad_resources(key: str, value: float, rule: str) -> None:
 def test_good_resources_load(resources: dict) -> None:
     raw = _valid()
     raw["resources"].update(resources)
-    assert parse_spec(raw, source=SOURCE).resources["gpus_per_trial"] == raw["resources"]["gpus_per_trial"]
+    loaded = parse_spec(raw, source=SOURCE).resources
+    for key, value in raw["resources"].items():
+        assert getattr(loaded, key) == value
 
 
 # ---- 3. steps and select --------------------------------------------------------------

@@ -128,7 +128,7 @@ def plan_search(args: SearchRequest) -> Plan:
     """Validate every input and settle what the search will be; writes nothing to MLflow
     or Ray (the synthetic-data cache under --home is the only thing it may create)."""
     from calotune.detectors import get_detector
-    from calotune.spec import DEFAULT_EVENTS, check_resources, load_spec
+    from calotune.spec import ResourceSpec, check_resources, load_spec
     from calotune.tracking.mlflow_tracker import resolve_tracking_uri
     from calotune.tuning import lifecycle
     from calotune.tuning.worker import FAULT_ENV, parse_fault
@@ -181,8 +181,8 @@ def plan_search(args: SearchRequest) -> Plan:
         lifecycle.check_resume_flags(name, record, {k: v for k, v in given.items() if v is not None})
         trials, max_epochs = int(record["trials"]), int(record["max_epochs"])
         seed = int(record["seed"])
-        resources = {k.removeprefix("resources."): (float(v) if "." in v else int(v))
-                     for k, v in record.items() if k.startswith("resources.")}
+        resources = ResourceSpec(**{k.removeprefix("resources."): (float(v) if "." in v else int(v))
+                                    for k, v in record.items() if k.startswith("resources.")})
         if data_flag is None and record.get("data"):
             data_flag = Path(record["data"])
             if not data_flag.is_file():
@@ -198,7 +198,7 @@ def plan_search(args: SearchRequest) -> Plan:
         name = lifecycle.new_search_name(spec.name)
         trials, max_epochs = args.trials or spec.trials, args.max_epochs or spec.max_epochs
         seed = args.seed if args.seed is not None else 0
-        resources = {**spec.resources, **overrides}
+        resources = dataclasses.replace(spec.resources, **overrides)
     spec = dataclasses.replace(spec, resources=resources, trials=trials, max_epochs=max_epochs)
     detector = get_detector(spec.detector, **spec.geometry)
     _check_phases(spec, detector, "--max-epochs" if args.max_epochs else f"{spec.source}: budget.max_epochs")
@@ -210,9 +210,8 @@ def plan_search(args: SearchRequest) -> Plan:
         from calotune.data.cache import cached_synthetic
 
         home.mkdir(parents=True, exist_ok=True)
-        options = dict(spec.data.get("synthesis", {}))
-        data_path = cached_synthetic(detector, args.events or spec.data.get("events", DEFAULT_EVENTS),
-                                     spec.data.get("seed", 1), home / "data", **options)
+        data_path = cached_synthetic(detector, args.events or spec.data.events, spec.data.seed,
+                                     home / "data", **dict(spec.data.synthesis))
     showers = detector.read(data_path)  # validates keys, shapes, dtypes, values before any write
     from calotune.tracking.registry import file_hash
 
@@ -249,7 +248,7 @@ def _check_phases(spec, detector, where: str) -> None:
 
 def _check_split_sizes(spec, n: int, data_path: Path, args: SearchRequest) -> None:
     """Every split must hold enough events to train on and to score with."""
-    from calotune.spec import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, check_split_events
+    from calotune.spec import check_split_events
 
     if args.data is not None:
         where, key = f"--data {data_path}", "events in the file"
@@ -257,8 +256,7 @@ def _check_split_sizes(spec, n: int, data_path: Path, args: SearchRequest) -> No
         where, key = "--events", str(n)
     else:
         where, key = spec.source, "data.events"
-    check_split_events(n, spec.data.get("validation_fraction", DEFAULT_VALIDATION_FRACTION),
-                       spec.data.get("test_fraction", DEFAULT_TEST_FRACTION), where, key)
+    check_split_events(n, spec.data.validation_fraction, spec.data.test_fraction, where, key)
 
 
 def _check_address(address: str, flag: str) -> None:
@@ -313,7 +311,7 @@ def _check_resources(spec) -> None:
     import ray
 
     res = spec.resources
-    cpu, gpu, workers = float(res["cpus_per_trial"]), float(res["gpus_per_trial"]), int(res["workers_per_trial"])
+    cpu, gpu, workers = float(res.cpus_per_trial), float(res.gpus_per_trial), int(res.workers_per_trial)
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
 
     def slots(node: dict[str, float]) -> int:
@@ -397,8 +395,7 @@ def _search(plan: Plan, t_start: float) -> int:
 
     spec, run_name, home = plan.spec, plan.name, plan.home
     experiment = spec.name
-    splits = split(plan.showers, spec.data.get("validation_fraction", 0.15),
-                   spec.data.get("test_fraction", 0.15), seed=plan.seed)
+    splits = split(plan.showers, spec.data.validation_fraction, spec.data.test_fraction, seed=plan.seed)
     model_defaults = {name: f.default for name, f in config_fields(spec.family).items()
                       if f.default is not dataclasses.MISSING}
     baseline = spec.defaults({**model_defaults, **spec.fixed})
@@ -413,7 +410,7 @@ def _search(plan: Plan, t_start: float) -> int:
         tracker = Tracker(plan.uri, experiment, home / "artifacts")
         record = lifecycle.budget_record(
             space_hash=_space_hash(spec), trials=spec.trials, max_epochs=spec.max_epochs, seed=plan.seed,
-            data=str(plan.data_path), data_hash=plan.data_hash, resources=spec.resources)
+            data=str(plan.data_path), data_hash=plan.data_hash, resources=spec.resources.as_record())
         if plan.resume:
             tracker.attach_search(run_name, reopen=True)
             log.info("resuming %s: %d interrupted trial run(s) will be continued", run_name,
@@ -435,12 +432,12 @@ def _search(plan: Plan, t_start: float) -> int:
                                        spec.max_epochs, tuple(o.metric for o in spec.objectives))
         res = spec.resources
         total_cpu = ray.cluster_resources().get("CPU", 1)
-        per_trial_cpu = res["cpus_per_trial"] * res["workers_per_trial"]
+        per_trial_cpu = res.cpus_per_trial * res.workers_per_trial
         limit = max(1, int(total_cpu // per_trial_cpu))
-        if res["gpus_per_trial"] > 0:
+        if res.gpus_per_trial > 0:
             gpus = ray.cluster_resources().get("GPU", 0)
-            limit = min(limit, max(1, int(gpus // (res["gpus_per_trial"] * res["workers_per_trial"]))))
-        max_concurrent = min(res.get("max_concurrent_trials", limit), limit)
+            limit = min(limit, max(1, int(gpus // (res.gpus_per_trial * res.workers_per_trial))))
+        max_concurrent = min(res.max_concurrent_trials or limit, limit)
         with lifecycle.interruptible():
             tuner = make_tuner(
                 spec=spec, ctx=ctx, data_ref=data_ref, baseline=baseline, storage_path=plan.storage,
@@ -579,8 +576,8 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
                 "search": run_name, "trial": best.trial_id, "score": f"{test_best[metric]:.6g}",
                 "objective": metric, "mode": spec.objective.mode, "data_hash": plan.data_hash,
                 "data_path": str(plan.data_path), "split_seed": plan.seed, "user": user(),
-                "validation_fraction": spec.data.get("validation_fraction", 0.15),
-                "test_fraction": spec.data.get("test_fraction", 0.15),
+                "validation_fraction": spec.data.validation_fraction,
+                "test_fraction": spec.data.test_fraction,
                 "baseline_score": f"{test_base[metric]:.6g}" if test_base else "n/a",
             })
             tracker.set_tags(tracker.parent_run_id, {"calotune.registered": f"{model_name}/{version}"})

@@ -25,6 +25,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search.optuna import OptunaSearch
 
 from calotune.data.splits import Splits
+from calotune.spec import ResourceSpec
 from calotune.tracking.mlflow_tracker import Tracker
 from calotune.tuning.lifecycle import STOP, InterruptCallback
 from calotune.tuning.lifecycle import received_signal as received
@@ -61,12 +62,12 @@ def ddp_worker(config: dict[str, Any]) -> None:
 
 
 def trial_driver(config: dict[str, Any], data_ref: list, ctx: dict[str, Any],
-                 resources: dict[str, Any], storage_path: str) -> None:
+                 resources: ResourceSpec, storage_path: str) -> None:
     """The Tune function trainable: one trial, in-process or as a DDP worker group."""
     params = dict(config)
     checkpoint = tune.get_checkpoint()
-    workers = int(resources["workers_per_trial"])
-    threads = max(1, math.floor(resources["cpus_per_trial"]))
+    workers = int(resources.workers_per_trial)
+    threads = max(1, math.floor(resources.cpus_per_trial))
     if workers == 1:
         torch.set_num_threads(threads)
         data: Splits = ray.get(data_ref[0])
@@ -86,10 +87,10 @@ def trial_driver(config: dict[str, Any], data_ref: list, ctx: dict[str, Any],
     resume = None
     if checkpoint is not None:
         resume = checkpoint.path
-    use_gpu = resources["gpus_per_trial"] > 0
-    per_worker = {"CPU": resources["cpus_per_trial"]}
+    use_gpu = resources.gpus_per_trial > 0
+    per_worker = {"CPU": resources.cpus_per_trial}
     if use_gpu:
-        per_worker["GPU"] = resources["gpus_per_trial"]
+        per_worker["GPU"] = resources.gpus_per_trial
     trainer = TorchTrainer(
         ddp_worker,
         train_loop_config={"params": params, "ctx": ctx, "data_ref": data_ref, "threads": threads,
@@ -311,7 +312,7 @@ def make_tuner(
     trials: int,
     callback: MlflowTrialCallback,
     max_concurrent: int,
-    resources: dict[str, Any],
+    resources: ResourceSpec,
     restore: bool,
     max_failures: int = 2,
 ) -> tune.Tuner:
@@ -322,8 +323,8 @@ def make_tuner(
         trial_driver, data_ref=[data_ref], ctx=asdict(ctx), resources=resources,
         storage_path=str(storage_path),
     )
-    if resources["workers_per_trial"] == 1:
-        trial_resources = {"cpu": resources["cpus_per_trial"], "gpu": resources["gpus_per_trial"]}
+    if resources.workers_per_trial == 1:
+        trial_resources = {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial}
     else:
         # The DDP worker group requests its own CPUs/GPUs; the trial driver only waits on it,
         # so it takes no CPU (a token of memory: Ray refuses an empty resource request).
@@ -344,11 +345,11 @@ def make_tuner(
         mode=modes if multi else modes[0], points_to_evaluate=[baseline], sampler=sampler,
     )
     scheduler: TrialScheduler
-    if spec.scheduler["type"] == "asha" and not multi:
+    if spec.scheduler.type == "asha" and not multi:
         scheduler = BaselineKeepingASHA(
             baseline, time_attr="training_iteration", metric=metrics[0], mode=modes[0],
-            max_t=ctx.max_epochs, grace_period=min(spec.scheduler["grace_period"], ctx.max_epochs),
-            reduction_factor=spec.scheduler["reduction_factor"],
+            max_t=ctx.max_epochs, grace_period=min(spec.scheduler.grace_period, ctx.max_epochs),
+            reduction_factor=spec.scheduler.reduction_factor,
         )
     else:
         scheduler = FIFOScheduler()
