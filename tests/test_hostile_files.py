@@ -548,19 +548,19 @@ def test_write_error_in_process_keeps_old_file(tmp_path: Path) -> None:
 # ================================================================ 6. killed writers
 
 _WRITER = """
-import sys, time, numpy as np
+import sys, numpy as np
 from calotune.data.hdf5 import StreamWriter
 with StreamWriter(sys.argv[1]) as w:
     w.append({"a": np.zeros((10, 10), np.float32)})
     print("writing", flush=True)
-    time.sleep(600)
+    sys.stdin.read()  # hold the temporary open until the test kills this writer
 """
 
 
 def _start_writer(target: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
     return proc
 
@@ -592,9 +592,11 @@ def test_sigkilled_writer_temporary_is_removed_by_next_write(tmp_path: Path) -> 
 
 def test_reused_pid_does_not_protect_a_stale_temporary(tmp_path: Path) -> None:
     """The pid now belongs to a process that started after the temporary was last written."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a live process that stays until the test ends it (stdin closed), however slow the machine
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.2)
+        assert sleeper.stdout is not None and sleeper.stdout.readline().strip() == "up"
         stale = hdf5.temporary_path(tmp_path / "a.h5")
         stale = stale.with_name(stale.name.replace(f"-{os.getpid()}-", f"-{sleeper.pid}-"))
         stale.write_bytes(b"x")
