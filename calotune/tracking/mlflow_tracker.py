@@ -496,10 +496,7 @@ class Tracker:
 
     # --- search (parent) run -------------------------------------------------------
     def _search_runs_named(self, search: str) -> list:
-        """Active parent runs of ``search``, oldest first (deleted runs do not count)."""
-        filt = f"tags.`{TAG_SEARCH}` = '{_quote(search)}' and tags.`{TAG_KIND}` = 'search'"
-        runs = self.client.search_runs([self.experiment_id], filter_string=filt, max_results=100)
-        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        return search_runs_named(self.client, self.experiment_id, search)
 
     def create_search(self, search: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Create the parent run of a new search; UserError if that name is already taken.
@@ -685,6 +682,15 @@ class Tracker:
 def user() -> str:
     """Who did it, for provenance tags."""
     return os.environ.get("USER") or getpass.getuser()
+
+
+def search_runs_named(client, experiment_id: str, search: str) -> list:
+    """Active parent runs of search ``search``, oldest first (deleted runs do not count).
+
+    Read-only: the resume check uses it before anything is written."""
+    filt = f"tags.`{TAG_SEARCH}` = '{_quote(search)}' and tags.`{TAG_KIND}` = 'search'"
+    runs = client.search_runs([experiment_id], filter_string=filt, max_results=100)
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def _quote(value: str) -> str:

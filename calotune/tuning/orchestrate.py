@@ -110,13 +110,11 @@ def _space_hash(spec) -> str:
 
 def _recorded_search(uri: str, experiment: str, name: str) -> tuple[dict[str, str], str, dict[str, str]]:
     """(params, status, tags) of search ``name``'s MLflow parent run; UserError if absent."""
-    from calotune.tracking.mlflow_tracker import TAG_KIND, TAG_SEARCH, _client
+    from calotune.tracking.mlflow_tracker import _client, search_runs_named
 
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{TAG_SEARCH}` = '{name}' and tags.`{TAG_KIND}` = 'search'", max_results=2)
+    runs = [] if exp is None else search_runs_named(client, exp.experiment_id, name)
     if not runs:
         raise UserError(f"--resume {name}: no search of that name in {uri} (experiment {experiment!r}); "
                         f"pass --tracking-uri/--home of the store it logged to, or start a new search")

@@ -27,8 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from calotune.data.splits import Splits
 from calotune.spec import ResourceSpec
 from calotune.tracking.mlflow_tracker import Tracker
-from calotune.tuning.lifecycle import STOP, InterruptCallback
-from calotune.tuning.lifecycle import received_signal as received
+from calotune.tuning.lifecycle import STOP, InterruptCallback, received_signal
 from calotune.tuning.worker import FAILED_KEY, TrialContext, train
 
 log = logging.getLogger(__name__)
@@ -234,7 +233,7 @@ class MlflowTrialCallback(Callback):
         run_id = self.tracker.trial_run(trial.trial_id, trial.config)
         if STOP.is_set():  # died with the interrupted driver (e.g. SIGTERM to the whole job)
             self.tracker.set_tags(run_id, {"calotune.interrupted": "true",
-                                           "calotune.interrupted_by": received() or "signal"})
+                                           "calotune.interrupted_by": received_signal() or "signal"})
             self.tracker.end_trial(trial.trial_id, "interrupted")
             return
         self.tracker.end_trial(trial.trial_id, "failed", reason=error_text(trial))
