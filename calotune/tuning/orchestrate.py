@@ -533,9 +533,7 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
             tracker.log_metrics(runs[outcome.trial_id], {f"test_{k}": v for k, v in scores.items()})
 
     # Plots for the best few trials: generated vs reference on the held-out split.
-    from calotune.detectors import get_detector
-
-    detector = get_detector(spec.detector, **spec.geometry)
+    detector = plan.detector
     with tempfile.TemporaryDirectory(prefix="calotune-plots-") as tmp:
         for outcome in ranked[:3]:
             if outcome.trial_id not in runs:
