@@ -22,10 +22,10 @@ import numpy as np
 
 from calotune.cli import cli_main
 from calotune.errors import UserError
-from calotune.showers import ShowerSet
 
 if TYPE_CHECKING:
     from calotune.detectors.base import Detector
+    from calotune.sampling import Sample
 
 log = logging.getLogger("calotune.generate")
 
@@ -124,7 +124,7 @@ def _generate(args: argparse.Namespace, tmp: Path) -> int:
     check_memory(4 * args.batch_size * row_bytes, f"--batch-size {args.batch_size}", "lower --batch-size")
     elapsed = 0.0
 
-    def timed(stream: Iterable[tuple[ShowerSet, float]]) -> Iterator[ShowerSet]:
+    def timed(stream: Iterable[tuple[Sample, float]]) -> Iterator[Sample]:
         nonlocal elapsed
         for showers, seconds in stream:
             elapsed += seconds

@@ -4,13 +4,48 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 
-from calotune.models.base import GenerativeModel
+from calotune.models.base import POINTS_OUTPUT, GenerativeModel
 from calotune.showers import ShowerSet
+
+if TYPE_CHECKING:
+    from calotune.pointclouds import PointCloudSet
+
+#: A generated sample: cells on a grid, or hits of a point cloud.
+Sample = Union[ShowerSet, "PointCloudSet"]
+
+
+def as_sample(conditions: dict[str, np.ndarray], out: dict[str, torch.Tensor]) -> Sample:
+    """A family's ``sample`` output as a ShowerSet (part -> cells) or, for point-cloud
+    output (``{"hits", "offsets"}``), a PointCloudSet; refused if the output is neither."""
+    conditions = {k: np.asarray(v, dtype=np.float32) for k, v in conditions.items()}
+    if set(out) == set(POINTS_OUTPUT):
+        from calotune.pointclouds import PointCloudSet
+
+        hits = out["hits"].detach().float().cpu().numpy().astype(np.float32, copy=False)
+        offsets = out["offsets"].detach().cpu().numpy().astype(np.int64, copy=False)
+        return PointCloudSet(conditions=conditions, hits=hits.reshape(-1, 4), offsets=offsets)
+    cells = {name: c.detach().float().cpu().numpy().astype(np.float32, copy=False) for name, c in out.items()}
+    return ShowerSet(conditions=conditions, cells=cells)
+
+
+def concat_samples(pieces: list[Sample]) -> Sample:
+    """Batches of one generation run, back to back (grid or point-cloud)."""
+    from calotune.pointclouds import PointCloudSet
+
+    first = pieces[0]
+    conditions = {k: np.concatenate([p.conditions[k] for p in pieces]) for k in first.conditions}
+    if isinstance(first, PointCloudSet):
+        ends = np.cumsum([0] + [len(p.hits) for p in pieces])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + base for p, base in zip(pieces, ends, strict=False)])
+        return PointCloudSet(conditions=conditions, hits=np.concatenate([p.hits for p in pieces]),
+                             offsets=offsets.astype(np.int64))
+    return ShowerSet(conditions=conditions,
+                     cells={k: np.concatenate([p.cells[k] for p in pieces]) for k in first.cells})
 
 
 def generate_batches(
@@ -20,7 +55,7 @@ def generate_batches(
     seed: int = 0,
     device: str | torch.device = "cpu",
     sample_kwargs: dict[str, Any] | None = None,
-) -> Iterator[tuple[ShowerSet, float]]:
+) -> Iterator[tuple[Sample, float]]:
     """Showers for each batch of conditions, one batch at a time, with the batch's sampling time (s).
 
     One generator runs through all batches, so the showers are the same whether the
@@ -37,11 +72,7 @@ def generate_batches(
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        cells = {name: c.float().cpu().numpy().astype(np.float32, copy=False) for name, c in out.items()}
-        yield (
-            ShowerSet(conditions={k: np.asarray(v, dtype=np.float32) for k, v in conditions.items()}, cells=cells),
-            elapsed,
-        )
+        yield as_sample(conditions, out), elapsed
 
 
 def generate(
@@ -52,7 +83,7 @@ def generate(
     seed: int = 0,
     device: str | torch.device = "cpu",
     sample_kwargs: dict[str, Any] | None = None,
-) -> tuple[ShowerSet, float]:
+) -> tuple[Sample, float]:
     """Showers for each condition row, and the wall time per shower in milliseconds.
 
     The time covers the model's ``sample`` calls only (batch size as given), which is the
@@ -62,21 +93,19 @@ def generate(
     batches = (
         {k: v[start : start + batch_size] for k, v in conditions.items()} for start in range(0, n, batch_size)
     )
-    parts: dict[str, list[np.ndarray]] = {}
+    pieces: list[Sample] = []
     elapsed = 0.0
     for showers, seconds in generate_batches(model, batches, seed=seed, device=device,
                                                   sample_kwargs=sample_kwargs):
         elapsed += seconds
-        for name, cells in showers.cells.items():
-            parts.setdefault(name, []).append(cells)
-    cells = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
-    showers = ShowerSet(
-        conditions={k: np.asarray(v, dtype=np.float32) for k, v in conditions.items()}, cells=cells
-    )
-    return showers, 1e3 * elapsed / max(n, 1)
+        pieces.append(showers)
+    if not pieces:
+        return ShowerSet(conditions={k: np.asarray(v, np.float32) for k, v in conditions.items()},
+                         cells={}), 0.0
+    return concat_samples(pieces), 1e3 * elapsed / max(n, 1)
 
 
-def score_model(model_dir, reference: ShowerSet, seed: int = 0) -> tuple[dict[str, float], ShowerSet]:
+def score_model(model_dir, reference: Sample, seed: int = 0) -> tuple[dict[str, float], Sample]:
     """Generate for ``reference``'s conditions and score against it (plus gen_time_ms).
 
     The one place where "how good is this saved model on this sample" is computed, so the

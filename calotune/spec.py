@@ -65,6 +65,7 @@ MAX_DOMAIN_CHECKS = 20_000
 _TOP_KEYS = {
     "name", "description", "family", "detector", "geometry", "data", "objective",
     "objectives", "select", "budget", "scheduler", "resources", "params", "fixed",
+    "base_model", "train_phases",
 }
 _PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when", "default"},
@@ -182,6 +183,11 @@ class SearchSpec:
     resources: ResourceSpec
     params: tuple[Param, ...]
     fixed: dict[str, Any]
+    #: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: search on a registered model
+    #: instead of training from scratch (see :func:`_check_base_model`).
+    base_model: str | None = None
+    #: With ``base_model``: the phases retrained on it; () for a sampling-only search.
+    train_phases: tuple[str, ...] | None = None
 
     @property
     def objective(self) -> Objective:
@@ -659,6 +665,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         if fname in params:
             raise _fail(where, f"fixed.{fname}", "is also declared under params; keep one")
     _check_domain(where, family, tuple(params.values()), dict(fixed))
+    base_model, train_phases = _check_base_model(where, raw, family, [*params, *fixed], budget)
 
     return SearchSpec(
         name=name,
@@ -670,12 +677,73 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         objectives=objectives,
         select=str(select),
         trials=budget.get("trials", 12),
-        max_epochs=budget.get("max_epochs", 8),
+        max_epochs=1 if train_phases == () else budget.get("max_epochs", 8),
         scheduler=SchedulerSpec(**scheduler),
         resources=ResourceSpec(**resources),
         params=tuple(params.values()),
         fixed=dict(fixed),
+        base_model=base_model,
+        train_phases=train_phases,
     )
+
+
+def _check_base_model(where: str, raw: dict, family: str, names: list[str], budget: dict[str, int]
+                      ) -> tuple[str | None, tuple[str, ...] | None]:
+    """``base_model`` / ``train_phases``: a search on a registered model of this family.
+
+    Without ``train_phases`` it is a sampling-only search: no training, each trial scores
+    the parent's weights under its sampling parameters, so the space may only name the
+    family's ``SAMPLING_PARAMS`` (and ``budget.max_epochs`` is one round, if given). With
+    ``train_phases`` only those phases are retrained on the parent's other parts, so the
+    space may name those phases' ``PHASE_PARAMS``, the sampling parameters and the
+    trainer's. Everything else comes from the parent, which is checked when the search
+    is planned (its family, detector and phases).
+    """
+    from calotune.models.registry import get_family
+
+    if "base_model" not in raw:
+        if "train_phases" in raw:
+            raise _fail(where, "train_phases", "retrains phases of a registered model, but no "
+                                               "base_model names one; add base_model: models:/NAME@ALIAS")
+        return None, None
+    uri = raw["base_model"]
+    if not isinstance(uri, str) or not re.fullmatch(r"models:/[^/@]+(@[\w.-]+|/\d+)", uri):
+        raise _fail(where, "base_model", f"must be models:/NAME@ALIAS or models:/NAME/VERSION (e.g. "
+                                         f"models:/calochallenge-1-photons@candidate), but got {_show(uri)}")
+    module = get_family(family)
+    sampling = tuple(getattr(module, "SAMPLING_PARAMS", ()))
+    phase_params: dict[str, tuple[str, ...]] = dict(getattr(module, "PHASE_PARAMS", {}))
+    phases_raw = raw.get("train_phases")
+    if phases_raw is None:
+        if not sampling:
+            raise _fail(where, "base_model", f"model family {family!r} declares no sampling parameters "
+                                             f"(SAMPLING_PARAMS), so a registered model of it cannot be "
+                                             f"searched without training; add train_phases")
+        if budget.get("max_epochs", 1) != 1:
+            raise _fail(where, "budget.max_epochs", f"a sampling-only search (base_model without "
+                                                    f"train_phases) trains nothing and scores each trial "
+                                                    f"once; remove it (got {budget['max_epochs']})")
+        phases: tuple[str, ...] = ()
+        allowed = set(sampling)
+        rule = f"a sampling-only search may vary only {family!r}'s sampling parameters {list(sampling)}"
+    else:
+        if (not isinstance(phases_raw, list) or not phases_raw
+                or not all(isinstance(p, str) for p in phases_raw) or len(set(phases_raw)) != len(phases_raw)):
+            raise _fail(where, "train_phases", f"must be a non-empty list of distinct phase names, but got "
+                                               f"{_show(phases_raw)}")
+        unknown = [p for p in phases_raw if p not in phase_params]
+        if unknown:
+            raise _fail(where, "train_phases", f"{unknown[0]!r} is not a phase {family!r} can retrain on a "
+                                               f"registered model; its phases: {sorted(phase_params) or 'none'}")
+        phases = tuple(phases_raw)
+        allowed = set(sampling) | set(TRAINER_PARAMS) | {n for p in phases for n in phase_params[p]}
+        rule = (f"retraining {list(phases)} may vary only those phases' parameters, the sampling "
+                f"parameters and the trainer's: {sorted(allowed)}")
+    for name in names:
+        if name not in allowed:
+            section = "params" if name in raw.get("params", {}) else "fixed"
+            raise _fail(where, f"{section}.{name}", f"comes from the registered model: {rule}")
+    return uri, phases
 
 
 def _probes(p: Param) -> list[tuple[str, Any]]:

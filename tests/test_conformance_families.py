@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import shutil
 from pathlib import Path
@@ -25,8 +26,10 @@ import yaml
 from calotune.artifacts import load_model, save_model
 from calotune.data.splits import split
 from calotune.detectors import detector_names, get_detector
-from calotune.models.base import GenerativeModel, Phase, TrainContext, allocate_epochs
-from calotune.models.registry import build_model, family_names, get_family
+from calotune.errors import UserError
+from calotune.models.base import POINTS_OUTPUT, GenerativeModel, Phase, TrainContext, allocate_epochs
+from calotune.models.registry import build_model, family_names, get_family, make_config
+from calotune.sampling import as_sample
 from calotune.spec import TRAINER_PARAMS, default_objective
 from calotune.tuning import worker
 from calotune.tuning.worker import TRAIN_STATE, TrialContext, make_step_fn, train
@@ -86,6 +89,10 @@ def setup(request: pytest.FixtureRequest) -> Setup:
     fixed = space.get("fixed", {})
     params = {k: v for k, v in fixed.items() if k not in TRAINER_PARAMS}
     return Setup(family, name, geometry, params, int(fixed.get("batch_size", 32)))
+
+
+def model_config(s: Setup) -> Any:
+    return make_config(s.family, s.params)
 
 
 def _plain_step(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
@@ -172,12 +179,66 @@ def test_samples_have_the_detector_shapes_and_vary(setup: Setup) -> None:
     n = 16
     cond = {k: torch.from_numpy(v[:n]) for k, v in data.validation.conditions.items()}
     out = model.sample(cond, torch.Generator().manual_seed(0))
+    if setup.detector.shower_kind == "points":
+        assert set(out) == set(POINTS_OUTPUT)
+        hits, offsets = out["hits"], out["offsets"]
+        assert hits.ndim == 2 and hits.shape[1] == 4 and offsets.dtype == torch.int64
+        assert offsets.shape == (n + 1,) and offsets[0] == 0 and offsets[-1] == len(hits)
+        assert (offsets.diff() >= 0).all() and 4 * offsets.diff().max() <= setup.detector.part_sizes["hits"]
+        assert torch.isfinite(hits).all() and (hits[:, 3] >= 0).all() and hits[:, 3].sum() > 0
+        cloud = as_sample({k: v.numpy() for k, v in cond.items()}, out)
+        assert len(np.unique(np.round(cloud.total_energy(), 3))) > 1
+        fast = model.sample(cond, torch.Generator().manual_seed(0), **model.validation_sample_kwargs())
+        assert set(fast) == set(POINTS_OUTPUT) and fast["offsets"].shape == (n + 1,)
+        return
     assert {k: tuple(v.shape) for k, v in out.items()} == {p: (n, c) for p, c in setup.detector.part_sizes.items()}
     cells = torch.cat([v.reshape(n, -1) for v in out.values()], dim=1)
     assert torch.isfinite(cells).all() and (cells >= 0).all()
     assert cells.sum() > 0 and torch.unique(cells, dim=0).shape[0] > 1
     fast = model.sample(cond, torch.Generator().manual_seed(0), **model.validation_sample_kwargs())
     assert {k: v.shape for k, v in fast.items()} == {k: v.shape for k, v in out.items()}
+
+
+def test_epoch_metrics_are_finite_floats(setup: Setup) -> None:
+    model = _prepared(setup, setup.data())
+    metrics = model.epoch_metrics(TrainContext(step=_plain_step))
+    assert all(isinstance(k, str) and k.isidentifier() for k in metrics)
+    assert all(math.isfinite(float(v)) for v in metrics.values()), metrics
+
+
+def test_declared_search_on_a_registered_model_is_consistent(setup: Setup) -> None:
+    """SAMPLING_PARAMS and PHASE_PARAMS name Config fields and phases that exist, and a
+    sampling parameter never changes a weight's shape (the parent's weights must load)."""
+    module = get_family(setup.family)
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    sampling = tuple(getattr(module, "SAMPLING_PARAMS", ()))
+    phase_params = dict(getattr(module, "PHASE_PARAMS", {}))
+    assert set(sampling) <= fields
+    assert all(set(v) <= fields for v in phase_params.values())
+    assert set(phase_params) <= {p.name for p in setup.model().phases()}
+    model = setup.model()
+    config = dataclasses.asdict(model_config(setup))
+    for name in sampling:  # another legal value of each sampling parameter
+        value = config[name]
+        if isinstance(value, bool):
+            candidates: list[Any] = [not value]
+        elif isinstance(value, int):
+            candidates = [value + 1, value - 1]
+        elif isinstance(value, float):
+            candidates = [value * 0.5, value * 1.5, value + 0.1]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                make_config(setup.family, {**setup.params, name: candidate})
+            except UserError:
+                continue
+            other = build_model(setup.family, {**setup.params, name: candidate}, setup.detector)
+            other.load_preparation(model.preparation())
+            other.inherit(model, ())  # strict by default: raises if a shape changed
+            assert {k: v.shape for k, v in other.state_dict().items()} == \
+                {k: v.shape for k, v in model.state_dict().items()}
+            break
 
 
 # ---- checkpoints -----------------------------------------------------------------------

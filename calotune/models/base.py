@@ -28,6 +28,22 @@ import torch
 from torch import nn
 
 
+class TrialPruned(Exception):
+    """Raised by a family to end its trial as pruned, with the reason, never scored.
+
+    For pathologies that make a trial's score meaningless rather than merely bad: a
+    collapsed codebook, a mode-collapsed generator. Raise it from ``train_step``,
+    :meth:`GenerativeModel.epoch_metrics` or ``sample``; the trainer reports the reason
+    (MLflow tag ``calotune.pruned_reason``) and the search never ranks the trial. Under
+    DDP decide on values that are identical on every rank (after ``all_reduce_mean``),
+    or the other ranks wait forever in the next collective.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Batch(TypedDict):
     """One training batch on the model's device.
 
@@ -300,6 +316,23 @@ class GenerativeModel(nn.Module, ABC):
     - :meth:`validation_sample_kwargs`: extra ``sample`` arguments that make validation
       cheaper (fewer diffusion or Gibbs steps); scores made with them are reported under
       names suffixed ``_fast`` (see :mod:`calotune.tuning.worker`).
+    - :meth:`epoch_metrics`: per-epoch health numbers (codebook usage, RBM chain mixing),
+      reported as ``health_<name>``; may raise :class:`TrialPruned`.
+    - :meth:`inherit`: take over a registered parent model's trained parts, for a search
+      that retrains only some phases (see ``PHASE_PARAMS`` below).
+
+    Module-level declarations of a family (optional), read by the search-space loader:
+
+    - ``SAMPLING_PARAMS``: Config fields that change only how ``sample`` runs (a
+      temperature, a sampler's step count), never a parameter's shape. A search with a
+      ``base_model`` and no ``train_phases`` varies only these, on the parent's weights.
+    - ``PHASE_PARAMS``: phase name -> Config fields that change only that phase's modules
+      or training. A search with ``train_phases`` varies only those phases' fields (and
+      the sampling ones), and everything else is the parent's.
+
+    Shower kinds: for a ``"points"`` detector, batches carry ``cells = {"hits": (B, M, 4),
+    "mask": (B, M)}`` and ``sample`` returns ``{"hits": (H, 4), "offsets": (B + 1,)}``
+    (:data:`POINTS_OUTPUT`), one event per condition row.
     """
 
     def __init__(self) -> None:
@@ -389,3 +422,27 @@ class GenerativeModel(nn.Module, ABC):
     def validation_sample_kwargs(self) -> dict[str, Any]:
         """``sample`` arguments for per-epoch validation (default: none, full cost)."""
         return {}
+
+    def epoch_metrics(self, ctx: TrainContext) -> dict[str, float]:
+        """Health of the model after an epoch's training (default: none).
+
+        Called on every rank, in the same order, before validation, so a family may call
+        ``ctx.all_reduce_mean`` here (a codebook's usage over all ranks' batches). Rank 0's
+        values are reported under ``health_<name>`` with the epoch's other metrics. Raise
+        :class:`TrialPruned` for a model whose scores would be meaningless.
+        """
+        return {}
+
+    def inherit(self, parent: GenerativeModel, train_phases: tuple[str, ...]) -> None:
+        """Take over what ``parent`` (a registered model of this family) trained in the
+        phases that are not retrained; called after :meth:`load_preparation`.
+
+        Default: the parent's whole ``state_dict``, strictly (the trained phases start
+        from the parent's weights: a fine-tune). Override when the retrained phases'
+        modules may change shape or must start fresh (a new prior on a frozen encoder).
+        """
+        self.load_state_dict(parent.state_dict())
+
+
+#: Keys of ``sample``'s output for a "points" detector: flat hits and per-event offsets.
+POINTS_OUTPUT = ("hits", "offsets")

@@ -41,6 +41,14 @@ from torch import nn
 from calotune.models.base import Batch, GenerativeModel, TrainContext, bounded, check_fields
 
 DETECTORS = ("zdc",)
+#: A registered model can be fine-tuned (``train_phases: [train]`` with a ``base_model``)
+#: under other loss weights and learning rates: none of them changes a weight's shape,
+#: so the parent's weights are the starting point. The architecture is the parent's.
+PHASE_PARAMS: dict[str, tuple[str, ...]] = {
+    "train": ("lr_generator", "lr_critic", "critic_steps", "adv_loss_weight", "mask_loss_weight",
+              "value_loss_weight", "energy_loss_weight", "r1_weight", "moe_aux_weight",
+              "mask_straight_through", "mask_temperature", "dropout"),
+}
 
 #: Cells are compared on u = log1p(cell / E_inc * CELL_SCALE): a typical ZDC hit
 #: (tens of MeV for 100 GeV) lands near u ~ 1, and the tiny cells stay near 0.

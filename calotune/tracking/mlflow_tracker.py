@@ -632,8 +632,9 @@ class Tracker:
         if run_id is None:
             return
         self.client.set_tag(run_id, TAG_STATE, state)
-        if reason:
-            self.client.set_tag(run_id, "calotune.failure_reason", reason[:4900])
+        if reason:  # a family's own pruning (TrialPruned) says why, as a failure does
+            key = "calotune.pruned_reason" if state == "pruned" else "calotune.failure_reason"
+            self.client.set_tag(run_id, key, reason[:4900])
         self.client.set_terminated(run_id, status=_STATUS[state])
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

@@ -66,6 +66,10 @@ class TrialOutcome:
     epochs: int
 
 
+#: MLflow parameter of a search run: the registered parent (NAME/VERSION) it started from.
+PARENT_PARAM = "parent_model"
+
+
 @dataclass
 class Plan:
     """Everything a search needs, validated before anything is written or started."""
@@ -83,6 +87,7 @@ class Plan:
     resume: bool
     record: dict[str, str]
     address: str | None = None
+    parent: Any = None  # lineage.ParentModel of a search on a registered model
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -195,6 +200,10 @@ def plan_search(args: SearchRequest) -> Plan:
     else:
         name = lifecycle.new_search_name(spec.name)
         trials, max_epochs = args.trials or spec.trials, args.max_epochs or spec.max_epochs
+        if spec.train_phases == () and max_epochs != 1:
+            raise UserError(f"--max-epochs {max_epochs}: {spec.source} is a sampling-only search (base_model "
+                            f"without train_phases): it trains nothing and scores each trial once; drop "
+                            f"--max-epochs")
         seed = args.seed if args.seed is not None else 0
         resources = dataclasses.replace(spec.resources, **overrides)
     spec = dataclasses.replace(spec, resources=resources, trials=trials, max_epochs=max_epochs)
@@ -218,9 +227,18 @@ def plan_search(args: SearchRequest) -> Plan:
         raise UserError(f"--data {data_path}: not the file search {name!r} started with (its content "
                         f"changed); resume with the original file or start a new search")
     _check_split_sizes(spec, len(showers), data_path, args)
+    parent = None
+    if spec.base_model is not None:
+        from calotune.tuning import lineage
+
+        # a resumed search keeps the version it started from, wherever the alias points now
+        pinned = record.get(PARENT_PARAM)
+        parent = lineage.load_parent(spec, detector, uri,
+                                     f"models:/{pinned}" if pinned else None)
+        lineage.check_parent_data(parent, data_hash, seed, spec)
     return Plan(spec=spec, detector=detector, showers=showers, data_path=data_path, data_hash=data_hash,
                 uri=uri, storage=storage, home=home, name=name, seed=seed,
-                resume=args.resume is not None, record=record, address=args.address)
+                resume=args.resume is not None, record=record, address=args.address, parent=parent)
 
 
 def _check_phases(spec, detector, where: str) -> None:
@@ -231,12 +249,16 @@ def _check_phases(spec, detector, where: str) -> None:
     from calotune.models.base import allocate_epochs
     from calotune.models.registry import build_model, config_fields
 
+    if spec.train_phases == ():
+        return  # sampling-only: one round, no phases
     defaults = {name: f.default for name, f in config_fields(spec.family).items()
                 if f.default is not dataclasses.MISSING}
     params = {**spec.defaults(defaults), **spec.fixed}
     model_params = {k: v for k, v in params.items() if k in config_fields(spec.family)}
     with torch.device("meta"):
         phases = build_model(spec.family, model_params, detector).phases()
+    if spec.train_phases:
+        phases = tuple(p for p in phases if p.name in spec.train_phases)
     try:
         allocate_epochs(phases, spec.max_epochs)
     except ValueError as exc:
@@ -350,14 +372,20 @@ def _outcomes(result_grid) -> list[TrialOutcome]:
     return out
 
 
-def trial_context(spec, detector, seed: int):
-    """The one mapping from a search spec to what every trial's worker needs."""
+def trial_context(spec, detector, seed: int, parent=None):
+    """The one mapping from a search spec to what every trial's worker needs.
+
+    A search on a registered ``parent`` builds every trial on the parent's parameters,
+    overridden by the space's fixed and sampled ones.
+    """
     from calotune.tuning.worker import TrialContext
 
     return TrialContext(
         family=spec.family, detector=spec.detector, geometry=detector.geometry_dict(),
         objectives=tuple((o.metric, o.mode) for o in spec.objectives),
-        max_epochs=spec.max_epochs, seed=seed, fixed=spec.fixed,
+        max_epochs=spec.max_epochs, seed=seed,
+        fixed={**(parent.params if parent else {}), **spec.fixed},
+        train_phases=spec.train_phases, parent=parent.label if parent else None,
     )
 
 
@@ -389,6 +417,7 @@ def _search(plan: Plan, t_start: float) -> int:
     from calotune.models.registry import config_fields
     from calotune.tracking.mlflow_tracker import Tracker
     from calotune.tuning import lifecycle
+    from calotune.tuning.lineage import PARENT_TAG
     from calotune.tuning.runner import MlflowTrialCallback, make_tuner
 
     spec, run_name, home = plan.spec, plan.name, plan.home
@@ -396,7 +425,10 @@ def _search(plan: Plan, t_start: float) -> int:
     splits = split(plan.showers, spec.data.validation_fraction, spec.data.test_fraction, seed=plan.seed)
     model_defaults = {name: f.default for name, f in config_fields(spec.family).items()
                       if f.default is not dataclasses.MISSING}
+    if plan.parent is not None:  # the baseline of a search on a registered model is that model
+        model_defaults.update(plan.parent.params)
     baseline = spec.defaults({**model_defaults, **spec.fixed})
+    lineage_tags = {PARENT_TAG: plan.parent.label} if plan.parent is not None else {}
     log.info("search %s: %s on %s, %d trials x %d epochs; data %s (%d train / %d validation / "
              "%d test events)", run_name, spec.family, spec.detector, spec.trials, spec.max_epochs,
              plan.data_path, len(splits.train), len(splits.validation), len(splits.test))
@@ -417,17 +449,20 @@ def _search(plan: Plan, t_start: float) -> int:
             tracker.create_search(run_name, {
                 "space": spec.source, "family": spec.family, "detector": spec.detector,
                 "objectives": ",".join(f"{o.metric}:{o.mode}" for o in spec.objectives), **record,
-            }, {"calotune.data_hash": plan.data_hash})
+                **({PARENT_PARAM: plan.parent.label} if plan.parent is not None else {}),
+            }, {"calotune.data_hash": plan.data_hash, **lineage_tags})
         tracker.set_tags(tracker.parent_run_id, {"calotune.state": "running"})
         if isinstance(plan.storage, Path):
             plan.storage.mkdir(parents=True, exist_ok=True)
         lifecycle.record_latest(home, spec.name, run_name)
 
-        ctx = trial_context(spec, plan.detector, plan.seed)
+        ctx = trial_context(spec, plan.detector, plan.seed, plan.parent)
         # Put once, read by every trial on every node; the held-out split never leaves the driver.
         data_ref = ray.put(dataclasses.replace(splits, test=splits.test.subset(slice(0, 0))))
+        parent_ref = ray.put(plan.parent.files) if plan.parent is not None else None
         callback = MlflowTrialCallback(plan.uri, experiment, run_name, str(home / "artifacts"),
-                                       spec.max_epochs, tuple(o.metric for o in spec.objectives))
+                                       spec.max_epochs, tuple(o.metric for o in spec.objectives),
+                                       tags=lineage_tags)
         res = spec.resources
         total_cpu = ray.cluster_resources().get("CPU", 1)
         per_trial_cpu = res.cpus_per_trial * res.workers_per_trial
@@ -438,7 +473,8 @@ def _search(plan: Plan, t_start: float) -> int:
         max_concurrent = min(res.max_concurrent_trials or limit, limit)
         with lifecycle.interruptible():
             tuner = make_tuner(
-                spec=spec, ctx=ctx, data_ref=data_ref, baseline=baseline, storage_path=plan.storage,
+                spec=spec, ctx=ctx, data_ref=data_ref, parent_ref=parent_ref, baseline=baseline,
+                storage_path=plan.storage,
                 run_name=run_name, seed=plan.seed, trials=spec.trials, callback=callback,
                 max_concurrent=max_concurrent, resources=res, restore=plan.resume,
             )
@@ -488,6 +524,7 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
     from calotune.sampling import score_model
     from calotune.tracking.mlflow_tracker import user
     from calotune.tuning.lifecycle import STOP, uninterrupted
+    from calotune.tuning.lineage import PARENT_TAG
     from calotune.tuning.runner import is_baseline
     from calotune.tuning.worker import BEST_DIR
 
@@ -575,6 +612,8 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
                 "validation_fraction": spec.data.validation_fraction,
                 "test_fraction": spec.data.test_fraction,
                 "baseline_score": f"{test_base[metric]:.6g}" if test_base else "n/a",
+                **({PARENT_TAG: plan.parent.label, "train_phases": ",".join(spec.train_phases) or "none"}
+                   if plan.parent is not None else {}),
             })
             tracker.set_tags(tracker.parent_run_id, {"calotune.registered": f"{model_name}/{version}"})
         tracker.set_tags(tracker.parent_run_id, {"calotune.state": "finished"})

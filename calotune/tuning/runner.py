@@ -28,7 +28,7 @@ from calotune.data.splits import Splits
 from calotune.spec import ResourceSpec
 from calotune.tracking.mlflow_tracker import Tracker
 from calotune.tuning.lifecycle import STOP, InterruptCallback, received_signal
-from calotune.tuning.worker import FAILED_KEY, TrialContext, train
+from calotune.tuning.worker import FAILED_KEY, PRUNED_KEY, TrialContext, train
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,26 @@ def ddp_worker(config: dict[str, Any]) -> None:
     data: Splits = ray.get(config["data_ref"][0])
     torch.set_num_threads(max(1, int(config["threads"])))
     resume = Path(config["resume"]) if config.get("resume") else None
-    train(TrialContext(**config["ctx"]), config["params"], data, _reporter_train,
-          device=ray.train.torch.get_device(), resume_dir=resume)
+    train(_context(config["ctx"]), config["params"], data, _reporter_train,
+          device=ray.train.torch.get_device(), resume_dir=resume, parent=_parent(config["data_ref"]))
+
+
+def _context(ctx: dict[str, Any]) -> TrialContext:
+    """TrialContext from its dict form (tuples come back as lists through Ray)."""
+    ctx = dict(ctx)
+    for key in ("objectives", "train_phases"):
+        if ctx.get(key) is not None:
+            ctx[key] = tuple(tuple(x) if isinstance(x, list) else x for x in ctx[key])
+    return TrialContext(**ctx)
+
+
+def _parent(refs: list) -> Any:
+    """The registered parent model of a search on one (the second object ref), or None."""
+    if len(refs) < 2 or refs[1] is None:
+        return None
+    from calotune.tuning.lineage import materialise
+
+    return materialise(ray.get(refs[1]))[0]
 
 
 def trial_driver(config: dict[str, Any], data_ref: list, ctx: dict[str, Any],
@@ -70,12 +88,14 @@ def trial_driver(config: dict[str, Any], data_ref: list, ctx: dict[str, Any],
     if workers == 1:
         torch.set_num_threads(threads)
         data: Splits = ray.get(data_ref[0])
-        context = TrialContext(**ctx)
+        context = _context(ctx)
+        parent = _parent(data_ref)
         if checkpoint is not None:
             with checkpoint.as_directory() as resume:
-                train(context, params, data, _reporter_tune, device=_device(), resume_dir=Path(resume))
+                train(context, params, data, _reporter_tune, device=_device(), resume_dir=Path(resume),
+                      parent=parent)
         else:
-            train(context, params, data, _reporter_tune, device=_device())
+            train(context, params, data, _reporter_tune, device=_device(), parent=parent)
         return
 
     from ray.train import RunConfig as TrainRunConfig
@@ -171,8 +191,9 @@ class MlflowTrialCallback(Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment: str, search: str, artifact_root: str,
-                 max_epochs: int, objectives: tuple[str, ...] = ()) -> None:
+                 max_epochs: int, objectives: tuple[str, ...] = (), tags: dict[str, str] | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self.tags = dict(tags or {})  # on every trial run (the lineage of a search on a parent)
         self.experiment = experiment
         self.search = search
         self.artifact_root = artifact_root
@@ -206,6 +227,9 @@ class MlflowTrialCallback(Callback):
         if run.info.status != "RUNNING" or run.data.tags.get("calotune.state") == "interrupted":
             self.tracker.client.update_run(run_id, status="RUNNING")
             self.tracker.set_tags(run_id, {"calotune.state": "running"})
+        tags = getattr(self, "tags", {})  # a callback restored from an older snapshot has none
+        if tags and any(run.data.tags.get(k) != v for k, v in tags.items()):
+            self.tracker.set_tags(run_id, tags)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.tracker.trial_run(trial.trial_id, trial.config)
@@ -249,7 +273,7 @@ class ProgressCallback(Callback):
         self.done = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if FAILED_KEY in result:
+        if FAILED_KEY in result or PRUNED_KEY in result:
             return
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
@@ -263,7 +287,8 @@ class ProgressCallback(Callback):
         self.done += 1
         state, reason = trial_state(trial, self.max_epochs)
         epochs = (trial.last_result or {}).get("training_iteration", 0)
-        text = {"complete": "complete", "pruned": f"stopped early at epoch {epochs}",
+        text = {"complete": "complete",
+                "pruned": f"pruned: {reason}" if reason else f"stopped early at epoch {epochs}",
                 "failed": f"FAILED: {reason}"}[state]
         log.info("[%d/%d done] %s %s", self.done, self.trials, trial.trial_id, text)
 
@@ -280,6 +305,8 @@ def result_state(last: dict[str, Any], max_epochs: int) -> tuple[str, str | None
     """
     if FAILED_KEY in last:
         return "failed", str(last[FAILED_KEY])
+    if PRUNED_KEY in last:  # the family judged its own model meaningless (a collapse)
+        return "pruned", str(last[PRUNED_KEY])
     epochs = int(last.get("training_iteration", 0))
     return ("complete" if epochs >= max_epochs else "pruned"), None
 
@@ -305,6 +332,7 @@ def make_tuner(
     ctx: TrialContext,
     data_ref: Any,
     baseline: dict[str, Any],
+    parent_ref: Any = None,
     storage_path: Path | str,
     run_name: str,
     seed: int,
@@ -319,7 +347,7 @@ def make_tuner(
     import optuna
 
     trainable = tune.with_parameters(
-        trial_driver, data_ref=[data_ref], ctx=asdict(ctx), resources=resources,
+        trial_driver, data_ref=[data_ref, parent_ref], ctx=asdict(ctx), resources=resources,
         storage_path=str(storage_path),
     )
     if resources.workers_per_trial == 1:

@@ -29,10 +29,16 @@ import torch.distributed as dist
 from calotune.artifacts import save_model
 from calotune.data.splits import Splits
 from calotune.detectors import get_detector
-from calotune.models.base import Batch, GenerativeModel, TrainContext, allocate_epochs
+from calotune.models.base import (
+    Batch,
+    GenerativeModel,
+    Phase,
+    TrainContext,
+    TrialPruned,
+    allocate_epochs,
+)
 from calotune.models.registry import build_model
-from calotune.sampling import generate
-from calotune.showers import ShowerSet
+from calotune.sampling import concat_samples, generate
 from calotune.spec import TRAINER_PARAMS, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,12 @@ class TrialContext:
     fixed: dict[str, Any] = field(default_factory=dict)
     validation_batch: int = 1000
     grad_clip: float = 10.0
+    #: A search on a registered model: None trains every phase from scratch; a tuple
+    #: retrains only those phases on the parent's other parts; () trains nothing (a
+    #: sampling-only search: one validation per trial).
+    train_phases: tuple[str, ...] | None = None
+    #: The registered parent ("name/version") of such a search, for the record.
+    parent: str | None = None
 
 
 # report(metrics, checkpoint_dir or None): forwards one epoch's result to Tune / Train.
@@ -111,6 +123,10 @@ def objective_value(metrics: dict[str, float], metric: str) -> float:
 
 
 FAILED_KEY = "calotune_failed"
+#: Result key of a trial the family pruned (:class:`TrialPruned`); the value is the reason.
+PRUNED_KEY = "calotune_pruned"
+#: Prefix of a family's per-epoch health metrics (:meth:`GenerativeModel.epoch_metrics`).
+HEALTH_PREFIX = "health_"
 
 
 def train(
@@ -121,18 +137,25 @@ def train(
     *,
     device: torch.device,
     resume_dir: Path | None = None,
+    parent: GenerativeModel | None = None,
 ) -> None:
-    """Train one trial; a non-finite loss ends it as FAILED (reported, not raised).
+    """Train one trial; a non-finite loss ends it as FAILED, a family's
+    :class:`TrialPruned` as pruned with its reason (both reported, not raised).
 
-    Reporting the failure instead of raising keeps Ray's retry budget for infrastructure
-    faults (a killed worker): a NaN is deterministic and retrying it would only repeat it.
-    The failure result carries no score, so nothing downstream can learn from a sentinel.
+    Reporting instead of raising keeps Ray's retry budget for infrastructure faults (a
+    killed worker): a NaN or a collapsed codebook is deterministic and retrying it would
+    only repeat it. Neither result carries a score, so nothing downstream can learn from
+    a sentinel. ``parent`` is the registered model of a search that retrains only some
+    phases (or none) of it (``ctx.train_phases``).
     """
     try:
-        _train(ctx, params, data, reporter, device=device, resume_dir=resume_dir)
+        _train(ctx, params, data, reporter, device=device, resume_dir=resume_dir, parent=parent)
     except NonFiniteLossError as exc:
         log.warning("trial failed: %s", exc)
         reporter({FAILED_KEY: f"NonFiniteLossError: {exc}"}, None)
+    except TrialPruned as exc:
+        log.warning("trial pruned by its family: %s", exc.reason)
+        reporter({PRUNED_KEY: exc.reason}, None)
 
 
 def _train(
@@ -143,6 +166,7 @@ def _train(
     *,
     device: torch.device,
     resume_dir: Path | None = None,
+    parent: GenerativeModel | None = None,
 ) -> None:
     """Train for ``ctx.max_epochs`` epochs over the family's phases, reporting after each.
 
@@ -158,13 +182,20 @@ def _train(
                     **{k: v for k, v in params.items() if k not in TRAINER_PARAMS}}
     batch_size = int(params.get("batch_size", ctx.fixed.get("batch_size", TrainerConfig().batch_size)))
     model = build_model(ctx.family, model_params, detector).to(device)
-    schedule = allocate_epochs(model.phases(), ctx.max_epochs)
+    schedule = trial_schedule(model, ctx)
     state: dict[str, Any] | None = None
     if resume_dir is not None and (resume_dir / TRAIN_STATE).is_file():
         state = torch.load(resume_dir / TRAIN_STATE, map_location=device, weights_only=True)
     # The preparation is restored rather than recomputed on resume: it may be costly, and
-    # the checkpoint's weights were trained against exactly this one.
-    model.load_preparation(state["preparation"] if state is not None else model.prepare(data.train))
+    # the checkpoint's weights were trained against exactly this one. A parent's
+    # preparation is kept: its frozen parts were trained against it.
+    if state is not None:
+        model.load_preparation(state["preparation"])
+    elif parent is not None:
+        model.load_preparation(parent.preparation())
+        model.inherit(parent.to(device), tuple(ctx.train_phases or ()))
+    else:
+        model.load_preparation(model.prepare(data.train))
     if world_size > 1:  # identical start (and preparation) on every rank
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -202,12 +233,17 @@ def _train(
             phase, phase_epoch = schedule[epoch]
             inject_fault(model, params, epoch + 1)
             epoch_ctx = dataclasses.replace(base_ctx, epoch=epoch, phase=phase.name, phase_epoch=phase_epoch)
-            order = shard[np_rng.permutation(len(shard))]
-            sums, n_batches, train_s = _train_epoch(model, optimizers, epoch_ctx, data.train, order,
-                                                    batch_size, global_step)
+            sums: dict[str, float] = {}
+            n_batches, train_s = 0, 0.0
+            if phase is not SAMPLING_ONLY:
+                order = shard[np_rng.permutation(len(shard))]
+                sums, n_batches, train_s = _train_epoch(model, optimizers, epoch_ctx, data.train, order,
+                                                        batch_size, global_step)
             global_step += n_batches
             metrics: dict[str, Any] = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
             metrics["epoch_time_s"] = train_s
+            health = model.epoch_metrics(epoch_ctx)
+            metrics.update({f"{HEALTH_PREFIX}{k}": float(v) for k, v in health.items()})
             scores: dict[str, float] | None = None
             if phase.scoreable:
                 scores = _validate(model, detector, data, ctx, epoch, rank, world_size, device)
@@ -250,6 +286,26 @@ def _train(
                      metrics.get(metric, float("nan")), train_s)
 
 
+#: The one "phase" of a sampling-only trial: no training, one validation of the parent's
+#: weights under the trial's sampling parameters.
+SAMPLING_ONLY = Phase("sampling", scoreable=True)
+
+
+def trial_schedule(model: GenerativeModel, ctx: TrialContext) -> list[tuple[Phase, int]]:
+    """(phase, epoch within phase) of each epoch of the trial.
+
+    All of the family's phases, or only ``ctx.train_phases`` (a search on a registered
+    model), or for a sampling-only search (``train_phases == ()``) ``max_epochs`` rounds
+    of :data:`SAMPLING_ONLY` (the search loader fixes that to one).
+    """
+    if ctx.train_phases is None:
+        return allocate_epochs(model.phases(), ctx.max_epochs)
+    if not ctx.train_phases:
+        return [(SAMPLING_ONLY, k) for k in range(ctx.max_epochs)]
+    chosen = [p for p in model.phases() if p.name in ctx.train_phases]
+    return allocate_epochs(chosen, ctx.max_epochs)
+
+
 #: Suffix of every validation score made at a family's reduced sampling cost.
 FAST_SUFFIX = "_fast"
 
@@ -271,18 +327,15 @@ def _validate(model: GenerativeModel, detector: Any, data: Splits, ctx: TrialCon
     n = len(conditions["energy"])
     lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
     mine = {k: v[lo:hi] for k, v in conditions.items()}
-    cells: dict[str, np.ndarray] = {}
-    seconds = 0.0
+    shard, seconds = None, 0.0
     if hi > lo:
         shard, ms = generate(model, mine, batch_size=ctx.validation_batch,
                              seed=ctx.seed + epoch + 1_000_003 * rank, device=device, sample_kwargs=kwargs)
-        cells, seconds = shard.cells, ms * (hi - lo) / 1e3
-    pieces = _gather((cells, seconds), world_size, to_rank0=True)
+        seconds = ms * (hi - lo) / 1e3
+    pieces = _gather((shard, seconds), world_size, to_rank0=True)
     if rank != 0:
         return None
-    parts = [c for c, _ in pieces if c]
-    generated = ShowerSet(conditions=dict(conditions),
-                          cells={k: np.concatenate([c[k] for c in parts]) for k in parts[0]})
+    generated = concat_samples([s for s, _ in pieces if s is not None])
     scores = dict(detector.scores(data.validation, generated))
     scores["gen_time_ms"] = 1e3 * sum(s for _, s in pieces) / max(n, 1)
     if not kwargs:
