@@ -1,8 +1,19 @@
-"""Per-trial platform overhead: the same tiny trial N times, calotune's search vs plain Optuna.
+"""Per-trial platform overhead: the same tiny trial N times, three ways, interleaved.
 
-Both paths call the identical worker function (``calotune.tuning.worker.train``) with the
-same data; the difference is what Ray Tune, the trial actors, checkpointing and the MLflow
-callback cost per trial. Run:  python benchmarks/overhead.py --trials 20
+1. plain Optuna: an in-process loop calling the worker function (the floor);
+2. raw Ray Tune: a minimal function trainable + OptunaSearch, no checkpoints, no callbacks;
+3. calotune: the Tuner the search builds (actor reuse, checkpoints, the MLflow callback).
+
+All three call the identical worker function (``calotune.tuning.worker.train``) on the
+same data with the trial context the search itself builds (``trial_context``), so the
+differences are what each layer costs per trial. The three are run in turn, ``--repeats``
+times, and each figure is the median with its range. Ray's start-up is timed separately.
+Run::
+
+    python benchmarks/overhead.py --trials 50 --repeats 3 --json overhead.json
+
+The JSON holds ``ratio_vs_plain`` (calotune / plain Optuna, Ray start-up excluded),
+``overhead_over_raw_ray_s`` (per trial), ``ray_init_s`` and the three wall times.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict
@@ -60,11 +72,43 @@ def calotune_search(spec, ctx, splits, trials: int, concurrent: int, root: Path)
         uri = default_tracking_uri(root)
         name = f"bench-{concurrent}"
         Tracker(uri, spec.name, root / "artifacts").create_search(name, {}, {})
+        callback = MlflowTrialCallback(uri, spec.name, name, str(root / "artifacts"), ctx.max_epochs)
         tuner = make_tuner(
             spec=spec, ctx=ctx, data_ref=ray.put(splits), baseline=spec.defaults({}),
-            storage_path=root / "ray", run_name=name, seed=0, trials=trials,
-            callback=MlflowTrialCallback(uri, spec.name, name, str(root / "artifacts"), ctx.max_epochs),
+            storage_path=root / "ray", run_name=name, seed=0, trials=trials, callback=callback,
             max_concurrent=concurrent, resources=spec.resources, restore=False,
+        )
+        t1 = time.perf_counter()
+        tuner.fit()
+        callback.flush()  # the MLflow writes are part of the cost, even when made off the loop
+        return init_s, time.perf_counter() - t1
+    finally:
+        ray.shutdown()
+
+
+def raw_ray(spec, ctx, splits, trials: int, root: Path) -> tuple[float, float]:
+    """A minimal Ray Tune search over the same trial: (init s, fit s)."""
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    metric, mode = ctx.objectives[0]
+    t0 = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - t0
+    try:
+        def trainable(config, data_ref):
+            torch.set_num_threads(1)
+            data = ray.get(data_ref[0])
+            train(ctx, config, data, lambda m, _c: tune.report(m), device=torch.device("cpu"))
+
+        searcher = OptunaSearch(space=spec.suggest, metric=metric, mode=mode,
+                                sampler=optuna.samplers.TPESampler(seed=0))
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trainable, data_ref=[ray.put(splits)]), {"cpu": 1}),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=trials, max_concurrent_trials=1,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name="raw", storage_path=str(root / "raw"), verbose=0),
         )
         t1 = time.perf_counter()
         tuner.fit()
@@ -73,11 +117,16 @@ def calotune_search(spec, ctx, splits, trials: int, concurrent: int, root: Path)
         ray.shutdown()
 
 
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--ddp-trials", type=int, default=2,
                    help="also time this many trials as 2-worker DDP TorchTrainers (0: skip)")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the three ways")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -87,20 +136,36 @@ def main() -> None:
     detector = get_detector(spec.detector, **spec.geometry)
     splits = split(detector.synthesize(spec.data.events, seed=1), seed=0)
     ctx = trial_context(spec, detector, seed=0)  # the very mapping the search uses
-    plain = plain_optuna(spec, ctx, splits, args.trials)
-    results = {"trials": args.trials, "epochs_per_trial": ctx.max_epochs, "plain_optuna_s": plain,
-               "geometry": asdict(ctx)["geometry"]}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    walls: dict[str, list[float]] = {"plain_optuna_s": [], "raw_ray_s": [], "calotune_s": [],
+                                     "ray_init_s": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for concurrent in (1, 2):
-            init_s, fit_s = calotune_search(spec, ctx, splits, args.trials, concurrent, Path(tmp))
-            results[f"ray_init_s_c{concurrent}"] = init_s
-            results[f"calotune_fit_s_c{concurrent}"] = fit_s
+        for r in range(args.repeats):  # interleaved: a load change hits all three alike
+            walls["plain_optuna_s"].append(plain_optuna(spec, ctx, splits, args.trials))
+            init_s, fit_s = raw_ray(spec, ctx, splits, args.trials, Path(tmp) / f"r{r}")
+            walls["raw_ray_s"].append(fit_s)
+            walls["ray_init_s"].append(init_s)
+            init_s, fit_s = calotune_search(spec, ctx, splits, args.trials, 1, Path(tmp) / f"c{r}")
+            walls["calotune_s"].append(fit_s)
+            walls["ray_init_s"].append(init_s)
+        ddp_s = None
         if args.ddp_trials:
             ddp_spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, workers_per_trial=2))
             _, fit_s = calotune_search(ddp_spec, ctx, splits, args.ddp_trials, 1, Path(tmp) / "ddp")
-            results["ddp_2_workers_s_per_trial"] = fit_s / args.ddp_trials
-    results["plain_s_per_trial"] = plain / args.trials
-    results["overhead_per_trial_s_serial"] = (results["calotune_fit_s_c1"] - plain) / args.trials
+            ddp_s = fit_s / args.ddp_trials
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    results = {
+        "trials": args.trials, "repeats": args.repeats, "epochs_per_trial": ctx.max_epochs,
+        "geometry": asdict(ctx)["geometry"],
+        **med,
+        "ranges": {k: _summary(v) for k, v in walls.items()},
+        "ratio_vs_plain": med["calotune_s"] / med["plain_optuna_s"],
+        "raw_ray_ratio_vs_plain": med["raw_ray_s"] / med["plain_optuna_s"],
+        "overhead_over_raw_ray_s": (med["calotune_s"] - med["raw_ray_s"]) / args.trials,
+        "overhead_over_plain_s": (med["calotune_s"] - med["plain_optuna_s"]) / args.trials,
+        "plain_s_per_trial": med["plain_optuna_s"] / args.trials,
+        "ddp_2_workers_s_per_trial": ddp_s,
+    }
     log.info(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

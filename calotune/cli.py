@@ -23,6 +23,8 @@ def configure_logging(verbose: bool = False) -> None:
     )
     for noisy in ("ray", "mlflow", "alembic", "urllib3", "optuna", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:  # MLflow (re)configures its loggers on import, from this variable
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

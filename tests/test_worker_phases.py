@@ -87,3 +87,18 @@ def test_asha_and_optuna_pass_over_results_without_the_objective() -> None:
     search = FailAwareOptunaSearch(metric="mean_separation", mode="min",
                                    space={"lr": __import__("ray").tune.uniform(0, 1)})
     search.on_trial_result("nobody", {"training_iteration": 1, "train_loss": 1.0})  # no KeyError
+
+
+def test_step_fn_stops_a_nan_loss_and_sums_tensor_losses_once() -> None:
+    from calotune.tuning.worker import NonFiniteLossError, StepFn, _to_floats
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    step = StepFn(world_size=1, grad_clip=0.0)
+    step((weight * 2).sum(), opt)
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.8))
+    with pytest.raises(NonFiniteLossError):
+        step((weight * float("nan")).sum(), opt)  # on CPU the flag is read at once
+    step.check()  # nothing pending after the failed check: no second error
+    sums = {"a": torch.tensor(1.5) + torch.tensor(2.0), "b": 3.0}
+    assert _to_floats(sums) == {"a": 3.5, "b": 3.0}

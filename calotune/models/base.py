@@ -346,8 +346,10 @@ class GenerativeModel(nn.Module, ABC):
     @abstractmethod
     def train_step(
         self, batch: Batch, optimizers: list[torch.optim.Optimizer], ctx: TrainContext
-    ) -> dict[str, float]:
-        """One optimisation step on a batch; return the loss terms as Python floats.
+    ) -> dict[str, float | torch.Tensor]:
+        """One optimisation step on a batch; return the loss terms, as Python floats or
+        (better on a GPU) detached 0-d tensors, which the trainer sums on the device and
+        reads once per epoch: a ``float()`` per term is a host-device synchronisation.
 
         Use ``ctx.step(loss, optimizer)`` for every update so that the trainer can handle
         gradient synchronisation. A non-finite loss is detected by the trainer.

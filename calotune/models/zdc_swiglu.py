@@ -502,16 +502,16 @@ class ZDCSwiGLU(GenerativeModel):
         )
         step(loss_gen, opt_gen)
         return {
-            "loss_critic": float(loss_critic.detach()),
-            "loss_r1": float(r1.detach()),
-            "loss_generator": float(loss_gen.detach()),
-            "loss_adv": float(loss_adv.detach()),
-            "loss_mask": float(loss_mask.detach()),
-            "loss_value": float(loss_value.detach()),
-            "loss_energy": float(loss_energy.detach()),
-            "loss_moe_aux": float(out["aux"].detach()),
-            "visible_fraction": float(out["fraction"].detach().mean()),
-            "occupancy": float(sum((c > 0).sum() for c in out["cells"].values()) / hit.numel()),
+            "loss_critic": loss_critic.detach(),
+            "loss_r1": r1.detach(),
+            "loss_generator": loss_gen.detach(),
+            "loss_adv": loss_adv.detach(),
+            "loss_mask": loss_mask.detach(),
+            "loss_value": loss_value.detach(),
+            "loss_energy": loss_energy.detach(),
+            "loss_moe_aux": out["aux"].detach(),
+            "visible_fraction": out["fraction"].detach().mean(),
+            "occupancy": sum((c > 0).sum() for c in out["cells"].values()) / hit.numel(),
         }
 
 

@@ -312,6 +312,9 @@ def _init_ray(address: str | None) -> None:
         # Tune's own "Resume experiment with: Tuner.restore(...)" and "Trials did not complete"
         # lines name APIs a calotune user never calls; calotune reports both in its own words.
         logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+        # Tune's start banner (its searcher and scheduler class names, a TensorBoard
+        # command): the legacy reporter at verbose=0 prints nothing; progress is calotune's.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ray's start-up lines (the local instance, the token-auth notice) only with -v.
     level = logging.ERROR if quiet else logging.INFO
     flag = "--address" if address else "RAY_ADDRESS"
@@ -435,6 +438,7 @@ def _search(plan: Plan, t_start: float) -> int:
 
     _init_ray(plan.address)
     tracker = None
+    callback = None
     try:
         _check_resources(spec)
         tracker = Tracker(plan.uri, experiment, home / "artifacts")
@@ -480,6 +484,7 @@ def _search(plan: Plan, t_start: float) -> int:
             )
             t_search = time.perf_counter()
             result_grid = tuner.fit()
+            callback.flush()  # every trial's record is in the store before it is read back
             search_s = time.perf_counter() - t_search
             if lifecycle.STOP.is_set():
                 raise _Interrupted
@@ -487,16 +492,29 @@ def _search(plan: Plan, t_start: float) -> int:
             return _finish(spec, splits, outcomes, tracker, baseline, run_name, plan, search_s,
                            time.perf_counter() - t_start)
     except (_Interrupted, KeyboardInterrupt):
+        _flush_quietly(callback)
         if tracker is not None and tracker.parent_run_id:
             _record_interrupt(tracker, run_name, spec, plan)
         return lifecycle.EXIT_INTERRUPTED
     except BaseException:
+        _flush_quietly(callback)
         if tracker is not None and tracker.parent_run_id:
             tracker.set_tags(tracker.parent_run_id, {"calotune.state": "killed"})
             tracker.end_search("KILLED")
         raise
     finally:
         ray.shutdown()
+
+
+def _flush_quietly(callback) -> None:
+    """Let the trial records queued so far reach the store before the search is closed; a
+    write that failed is logged (by the writer) and must not hide the error being handled."""
+    if callback is None:
+        return
+    try:
+        callback.flush()
+    except Exception as exc:
+        log.warning("some trial records could not be written: %s", exc)
 
 
 def _record_interrupt(tracker, run_name: str, spec, plan: Plan) -> None:

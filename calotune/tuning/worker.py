@@ -82,36 +82,83 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def make_step_fn(world_size: int, grad_clip: float):
-    """zero_grad, backward, average gradients over ranks, clip, step.
+#: On a GPU, how many steps may pass between two reads of the device-side finiteness flag:
+#: each read is a host synchronisation, and a NaN trial loses at most this many steps.
+CHECK_EVERY_CUDA = 50
+
+
+class StepFn:
+    """zero_grad, backward, average gradients over ranks, clip, step: ``TrainContext.step``.
 
     Gradients are all-reduced by hand rather than through DDP's wrapper because GAN-style
     families alternate several optimisers over sub-modules inside ``train_step``; averaging
-    the gradients of exactly the parameters an optimiser owns works for any schedule.
+    the gradients of exactly the parameters an optimiser owns works for any schedule. They
+    travel as one flat buffer per dtype: one collective per step instead of one per tensor
+    (5x faster for the ZDC model on 2 gloo ranks).
+
+    Non-finite losses: the flag is kept on the loss's device and read every step on CPU
+    (free) and every :data:`CHECK_EVERY_CUDA` steps on a GPU (a read synchronises host and
+    device); :meth:`check` reads it at once (the trainer calls it before every score). All
+    ranks read it together (MIN over ranks), so they stop together instead of leaving the
+    others waiting in a collective.
     """
 
-    def step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        finite = torch.isfinite(loss.detach()).to(torch.float32)
-        if world_size > 1:  # every rank must stop together, or the others hang in all_reduce
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            raise NonFiniteLossError(f"loss became {loss.item()} (non-finite) on at least one rank")
+    def __init__(self, world_size: int, grad_clip: float) -> None:
+        self.world_size = world_size
+        self.grad_clip = grad_clip
+        self._finite: torch.Tensor | None = None
+        self._calls = 0
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+        self._calls += 1
+        if loss.device.type != "cuda" or self._calls % CHECK_EVERY_CUDA == 0:
+            self.check()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        if world_size > 1:
+        if self.world_size > 1:
             for p in params:
                 if p.grad is None:  # e.g. an expert no sample routed to on this rank: every
                     p.grad = torch.zeros_like(p)  # rank must all-reduce the same tensors
-            for p in params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= world_size
+            _all_reduce_mean_flat([p.grad for p in params], self.world_size)
         params = [p for p in params if p.grad is not None]
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         optimizer.step()
 
-    return step
+    def check(self) -> None:
+        """Raise NonFiniteLossError (on every rank) if any loss since the last check was not finite."""
+        if self._finite is None:
+            return
+        flag = self._finite.to(torch.float32)
+        self._finite = None
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1:
+            raise NonFiniteLossError("the loss became non-finite (NaN or Inf) on at least one rank")
+
+
+def make_step_fn(world_size: int, grad_clip: float) -> StepFn:
+    """The trainer's :class:`StepFn` for ``world_size`` ranks (kept for callers and tests)."""
+    return StepFn(world_size, grad_clip)
+
+
+def _all_reduce_mean_flat(grads: list[torch.Tensor], world_size: int) -> None:
+    """Average tensors over ranks in place with one all-reduce per dtype (a flat copy)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        offset = 0
+        for g in group:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
 
 
 def objective_value(metrics: dict[str, float], metric: str) -> float:
@@ -425,7 +472,7 @@ def _train_epoch(model: GenerativeModel, optimizers: list[torch.optim.Optimizer]
     def load(i: int) -> Batch:
         return _to_device(train_set.batch_arrays(order[i : i + batch_size]), device, stream)
 
-    sums: dict[str, float] = {}
+    sums: dict[str, Any] = {}
     upcoming = load(starts[0]) if starts else None
     for j in range(len(starts)):
         batch = upcoming
@@ -438,11 +485,26 @@ def _train_epoch(model: GenerativeModel, optimizers: list[torch.optim.Optimizer]
         upcoming = load(starts[j + 1]) if j + 1 < len(starts) else None
         losses = model.train_step(batch, optimizers,
                                   dataclasses.replace(ctx, global_step=global_step + j))
-        for k, v in losses.items():
-            if not math.isfinite(v):
-                raise NonFiniteLossError(f"{k} became {v}")
-            sums[k] = sums.get(k, 0.0) + v
-    return sums, len(starts), time.perf_counter() - t0
+        for k, v in losses.items():  # floats, or tensors summed on the device (no sync)
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            sums[k] = sums[k] + v if k in sums else v
+    if isinstance(ctx.step, StepFn):
+        ctx.step.check()
+    totals = _to_floats(sums)
+    for k, v in totals.items():
+        if not math.isfinite(v):
+            raise NonFiniteLossError(f"{k} became {v}")
+    return totals, len(starts), time.perf_counter() - t0
+
+
+def _to_floats(sums: dict[str, Any]) -> dict[str, float]:
+    """Loss sums as floats, reading every device tensor in one transfer (one sync per epoch)."""
+    tensors = {k: v for k, v in sums.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in sums.items() if k not in tensors}
+    if tensors:
+        values = torch.stack([t.reshape(()).to(torch.float64) for t in tensors.values()]).cpu().tolist()
+        out.update(zip(tensors, values, strict=True))
+    return {k: out[k] for k in sums}
 
 
 FAULT_ENV = "CALOTUNE_FAULT"
