@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, help="override resources.gpus_per_trial")
     p.add_argument("--workers-per-trial", type=int, help="override resources.workers_per_trial (DDP)")
     p.add_argument("--max-concurrent", type=int, help="override resources.max_concurrent_trials")
+    p.add_argument("--sampler", help="override the space's sampler: random, tpe, cmaes, gp, qmc, nsga2, nsga3")
+    p.add_argument("--scheduler", help="override the space's scheduler: none, asha, hyperband, median")
     p.add_argument("--home", type=Path, default=Path(".calotune"),
                    help="project-local folder for the data cache, MLflow store and results")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

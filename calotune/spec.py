@@ -65,7 +65,7 @@ MAX_DOMAIN_CHECKS = 20_000
 _TOP_KEYS = {
     "name", "description", "family", "detector", "geometry", "data", "objective",
     "objectives", "select", "budget", "scheduler", "resources", "params", "fixed",
-    "base_model", "train_phases",
+    "base_model", "train_phases", "sampler",
 }
 _PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when", "default"},
@@ -143,11 +143,25 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    """``scheduler``: ASHA's rungs (``type: none`` runs every trial to the end)."""
+    """``scheduler``: which Tune scheduler stops trials early, and its rungs
+    (:mod:`calotune.tuning.algorithms`; ``type: none`` runs every trial to the end)."""
 
     type: str = "asha"
     grace_period: int = 2
     reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """``sampler``: which Optuna sampler proposes the trials (:mod:`calotune.tuning.algorithms`).
+
+    ``multivariate`` (TPE only): model the parameters jointly, with ``group`` keeping
+    conditional branches apart.
+    """
+
+    type: str = "tpe"
+    multivariate: bool = False
+    group: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,7 @@ class SearchSpec:
     resources: ResourceSpec
     params: tuple[Param, ...]
     fixed: dict[str, Any]
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
     #: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: search on a registered model
     #: instead of training from scratch (see :func:`_check_base_model`).
     base_model: str | None = None
@@ -633,8 +648,21 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
             raise _fail(where, f"budget.{key}", f"must be >= 1, but got {value}")
     scheduler = _section(where, raw, "scheduler", {"type": str, "grace_period": int,
                                                     "reduction_factor": int})
-    if scheduler.get("type", "asha") not in {"asha", "none"}:
-        raise _fail(where, "scheduler.type", f"must be 'asha' or 'none', but got {_show(scheduler['type'])}")
+    from calotune.tuning import algorithms
+
+    scheduler.setdefault("type", algorithms.default_scheduler(len(objectives)))
+    algorithms.check_scheduler(scheduler["type"], len(objectives), f"{where}: scheduler.type")
+    raw_sampler = raw.get("sampler", algorithms.default_sampler(len(objectives)))
+    if isinstance(raw_sampler, str):
+        raw_sampler = {"type": raw_sampler}
+    if not isinstance(raw_sampler, dict):
+        raise _fail(where, "sampler", f"must be a name (e.g. tpe) or a mapping with a type, but got "
+                                      f"{_show(raw_sampler)}")
+    sampler = _section(where, {"sampler": raw_sampler}, "sampler",
+                       {"type": str, "multivariate": bool, "group": bool})
+    sampler.setdefault("type", algorithms.default_sampler(len(objectives)))
+    if sampler["type"] != "tpe" and ({"multivariate", "group"} & set(sampler)):
+        raise _fail(where, "sampler", f"multivariate and group are options of tpe, not of {sampler['type']!r}")
     if scheduler.get("reduction_factor", 2) < 2:
         raise _fail(where, "scheduler.reduction_factor", f"must be >= 2, got {scheduler['reduction_factor']}")
     if scheduler.get("grace_period", 1) < 1:
@@ -666,6 +694,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
             raise _fail(where, f"fixed.{fname}", "is also declared under params; keep one")
     _check_domain(where, family, tuple(params.values()), dict(fixed))
     base_model, train_phases = _check_base_model(where, raw, family, [*params, *fixed], budget)
+    algorithms.check_sampler(sampler["type"], len(objectives), tuple(params.values()), f"{where}: sampler")
 
     return SearchSpec(
         name=name,
@@ -679,6 +708,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         trials=budget.get("trials", 12),
         max_epochs=1 if train_phases == () else budget.get("max_epochs", 8),
         scheduler=SchedulerSpec(**scheduler),
+        sampler=SamplerSpec(**sampler),
         resources=ResourceSpec(**resources),
         params=tuple(params.values()),
         fixed=dict(fixed),

@@ -118,16 +118,18 @@ def search_lock(home: Path, name: str) -> Iterator[None]:
 
 # --- resume ----------------------------------------------------------------------------
 def budget_record(*, space_hash: str, trials: int, max_epochs: int, seed: int, data: str,
-                  data_hash: str, resources: dict[str, Any]) -> dict[str, str]:
+                  data_hash: str, resources: dict[str, Any], sampler: str = "tpe",
+                  scheduler: str = "asha") -> dict[str, str]:
     """The parameters a search is started with and must be resumed with, as MLflow params."""
     record = {"space_hash": space_hash, "trials": trials, "max_epochs": max_epochs, "seed": seed,
-              "data": data, "data_hash": data_hash,
+              "data": data, "data_hash": data_hash, "sampler": sampler, "scheduler": scheduler,
               **{f"resources.{k}": v for k, v in sorted(resources.items())}}
     return {k: str(v) for k, v in record.items()}
 
 
 #: Parameter -> the flag that sets it, for messages.
 _FLAGS = {"trials": "--trials", "max_epochs": "--max-epochs", "seed": "--seed",
+          "sampler": "--sampler", "scheduler": "--scheduler",
           "resources.cpus_per_trial": "--cpus-per-trial", "resources.gpus_per_trial": "--gpus-per-trial",
           "resources.workers_per_trial": "--workers-per-trial",
           "resources.max_concurrent_trials": "--max-concurrent"}

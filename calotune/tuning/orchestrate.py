@@ -53,6 +53,8 @@ class SearchRequest:
     gpus_per_trial: float | None = None
     workers_per_trial: int | None = None
     max_concurrent: int | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
     home: Path = Path(".calotune")
 
 
@@ -180,10 +182,13 @@ def plan_search(args: SearchRequest) -> Plan:
             raise UserError(f"--resume {name}: {spec.source} changed since the search started; "
                             f"restore the file or start a new search")
         given = {"trials": args.trials, "max_epochs": args.max_epochs, "seed": args.seed,
+                 "sampler": args.sampler, "scheduler": args.scheduler,
                  **{f"resources.{k}": v for k, v in overrides.items()}}
         lifecycle.check_resume_flags(name, record, {k: v for k, v in given.items() if v is not None})
         trials, max_epochs = int(record["trials"]), int(record["max_epochs"])
         seed = int(record["seed"])
+        algorithms = {"sampler": record.get("sampler", spec.sampler.type),
+                      "scheduler": record.get("scheduler", spec.scheduler.type)}
         resources = ResourceSpec(**{k.removeprefix("resources."): (float(v) if "." in v else int(v))
                                     for k, v in record.items() if k.startswith("resources.")})
         if data_flag is None and record.get("data"):
@@ -206,6 +211,10 @@ def plan_search(args: SearchRequest) -> Plan:
                             f"--max-epochs")
         seed = args.seed if args.seed is not None else 0
         resources = dataclasses.replace(spec.resources, **overrides)
+        algorithms = {"sampler": args.sampler or spec.sampler.type,
+                      "scheduler": args.scheduler or spec.scheduler.type}
+    spec = _with_algorithms(spec, algorithms["sampler"], algorithms["scheduler"],
+                            "--sampler" if args.sampler else "--scheduler" if args.scheduler else spec.source)
     spec = dataclasses.replace(spec, resources=resources, trials=trials, max_epochs=max_epochs)
     detector = get_detector(spec.detector, **spec.geometry)
     _check_phases(spec, detector, "--max-epochs" if args.max_epochs else f"{spec.source}: budget.max_epochs")
@@ -239,6 +248,21 @@ def plan_search(args: SearchRequest) -> Plan:
     return Plan(spec=spec, detector=detector, showers=showers, data_path=data_path, data_hash=data_hash,
                 uri=uri, storage=storage, home=home, name=name, seed=seed,
                 resume=args.resume is not None, record=record, address=args.address, parent=parent)
+
+
+def _with_algorithms(spec, sampler: str, scheduler: str, where: str):
+    """The spec with the sampler and scheduler a flag (or the resumed record) chose, checked."""
+    from calotune.tuning import algorithms
+
+    n = len(spec.objectives)
+    if sampler != spec.sampler.type:
+        algorithms.check_sampler(sampler, n, spec.params, where)
+        spec = dataclasses.replace(spec, sampler=dataclasses.replace(spec.sampler, type=sampler,
+                                                                     multivariate=False))
+    if scheduler != spec.scheduler.type:
+        algorithms.check_scheduler(scheduler, n, where)
+        spec = dataclasses.replace(spec, scheduler=dataclasses.replace(spec.scheduler, type=scheduler))
+    return spec
 
 
 def _check_phases(spec, detector, where: str) -> None:
@@ -444,7 +468,8 @@ def _search(plan: Plan, t_start: float) -> int:
         tracker = Tracker(plan.uri, experiment, home / "artifacts")
         record = lifecycle.budget_record(
             space_hash=_space_hash(spec), trials=spec.trials, max_epochs=spec.max_epochs, seed=plan.seed,
-            data=str(plan.data_path), data_hash=plan.data_hash, resources=spec.resources.as_record())
+            data=str(plan.data_path), data_hash=plan.data_hash, resources=spec.resources.as_record(),
+            sampler=spec.sampler.type, scheduler=spec.scheduler.type)
         if plan.resume:
             tracker.attach_search(run_name, reopen=True)
             log.info("resuming %s: %d interrupted trial run(s) will be continued", run_name,
@@ -463,6 +488,11 @@ def _search(plan: Plan, t_start: float) -> int:
         ctx = trial_context(spec, plan.detector, plan.seed, plan.parent)
         # Put once, read by every trial on every node; the held-out split never leaves the driver.
         data_ref = ray.put(dataclasses.replace(splits, test=splits.test.subset(slice(0, 0))))
+        # From here the object store holds train and validation; the driver keeps only the
+        # held-out split, instead of the read sample and the split copies beside the store.
+        plan.showers = None
+        splits = dataclasses.replace(splits, train=splits.train.subset(slice(0, 0)),
+                                     validation=splits.validation.subset(slice(0, 0)))
         parent_ref = ray.put(plan.parent.files) if plan.parent is not None else None
         callback = MlflowTrialCallback(plan.uri, experiment, run_name, str(home / "artifacts"),
                                        spec.max_epochs, tuple(o.metric for o in spec.objectives),

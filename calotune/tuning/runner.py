@@ -24,7 +24,7 @@ import ray
 import torch
 from ray import tune
 from ray.tune import Callback
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from calotune.data.splits import Splits
@@ -426,24 +426,21 @@ def make_tuner(
         return tune.Tuner.restore(f"{str(storage_path).rstrip('/')}/{run_name}", trainable,
                                   resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
+    from calotune.tuning import algorithms
+
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     multi = len(metrics) > 1
-    sampler = (optuna.samplers.NSGAIISampler(seed=seed) if multi
-               else optuna.samplers.TPESampler(seed=seed))
+    sampler = algorithms.make_sampler(spec.sampler.type, seed, {"multivariate": spec.sampler.multivariate,
+                                                                "group": spec.sampler.group})
     searcher = FailAwareOptunaSearch(
         space=spec.suggest, metric=metrics if multi else metrics[0],
         mode=modes if multi else modes[0], points_to_evaluate=[baseline], sampler=sampler,
     )
-    scheduler: TrialScheduler
-    if spec.scheduler.type == "asha" and not multi:
-        scheduler = BaselineKeepingASHA(
-            baseline, time_attr="training_iteration", metric=metrics[0], mode=modes[0],
-            max_t=ctx.max_epochs, grace_period=min(spec.scheduler.grace_period, ctx.max_epochs),
-            reduction_factor=spec.scheduler.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
+    scheduler: TrialScheduler = algorithms.make_scheduler(
+        spec.scheduler.type if not multi else "none", metric=metrics[0], mode=modes[0], max_t=ctx.max_epochs,
+        grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
+        baseline=baseline)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

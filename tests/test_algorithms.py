@@ -1,0 +1,119 @@
+"""Search algorithms as data: every sampler and scheduler validated, and run for real.
+
+The real runs share one Ray instance and call the Tuner the search builds
+(``runner.make_tuner``) on the tiny ZDC space, two trials each: the slow part of a search
+(the MLflow store, plots, registration) is tested elsewhere and not repeated per algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from calotune.data.splits import split
+from calotune.detectors import get_detector
+from calotune.errors import UserError
+from calotune.spec import SamplerSpec, SchedulerSpec, load_spec, parse_spec
+from calotune.tuning import algorithms
+
+BASE = {"name": "a", "family": "zdc_swiglu", "detector": "zdc",
+        "params": {"lr_generator": {"type": "float", "low": 1e-4, "high": 1e-3},
+                   "use_moe": {"type": "categorical", "choices": [False, True]}}}
+TWO = [{"metric": "mean_separation", "mode": "min"}, {"metric": "gen_time_ms", "mode": "min"}]
+
+
+@pytest.mark.parametrize("extra, key, words", [
+    ({"sampler": "bohb"}, "sampler", "unknown sampler 'bohb'"),
+    ({"sampler": {"type": "cmaes"}, "objectives": TWO}, "sampler", "optimises one objective"),
+    ({"sampler": "random", "objectives": TWO, "scheduler": {"type": "asha"}}, "scheduler.type",
+     "stops trials by one number"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler.type", "unknown scheduler 'pbt'"),
+    ({"sampler": {"type": "random", "multivariate": True}}, "sampler", "options of tpe"),
+    ({"sampler": 3}, "sampler", "must be a name"),
+])
+def test_algorithms_are_refused_with_the_rule(extra: dict, key: str, words: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_spec({**BASE, **extra}, "a.yaml")
+    assert str(info.value).startswith(f"a.yaml: {key}:") and words in str(info.value), str(info.value)
+
+
+def test_cmaes_refuses_a_space_of_categoricals_only() -> None:
+    raw = {**BASE, "sampler": "cmaes", "params": {"use_moe": {"type": "categorical", "choices": [False, True]}}}
+    with pytest.raises(UserError, match="every parameter of the space is categorical"):
+        parse_spec(raw, "a.yaml")
+
+
+def test_defaults_follow_the_number_of_objectives() -> None:
+    one = parse_spec(BASE, "a.yaml")
+    two = parse_spec({**BASE, "objectives": TWO}, "a.yaml")
+    assert (one.sampler.type, one.scheduler.type) == ("tpe", "asha")
+    assert (two.sampler.type, two.scheduler.type) == ("nsga2", "none")
+    tpe = parse_spec({**BASE, "sampler": {"type": "tpe", "multivariate": True}}, "a.yaml")
+    sampler = algorithms.make_sampler("tpe", 0, {"multivariate": tpe.sampler.multivariate})
+    assert sampler._multivariate and sampler._group
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    import ray
+
+    from calotune.tuning.orchestrate import trial_context
+
+    spec = load_spec("zdc_swiglu_tiny")
+    detector = get_detector(spec.detector, **spec.geometry)
+    data = split(detector.synthesize(200, seed=1), seed=0)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
+    try:
+        yield spec, trial_context(spec, detector, 0), ray.put(data), tmp_path_factory.mktemp("algo")
+    finally:
+        ray.shutdown()
+
+
+def _fit(tiny, name: str, *, sampler: str = "tpe", scheduler: str = "none", trials: int = 2, epochs: int = 1):
+    from ray import tune
+
+    from calotune.tuning.runner import make_tuner
+
+    spec, ctx, data_ref, root = tiny
+    spec = dataclasses.replace(spec, sampler=SamplerSpec(type=sampler), scheduler=SchedulerSpec(
+        type=scheduler, grace_period=1, reduction_factor=2), max_epochs=epochs)
+    ctx = dataclasses.replace(ctx, max_epochs=epochs)
+    tuner = make_tuner(spec=spec, ctx=ctx, data_ref=data_ref, baseline=spec.defaults({}), storage_path=Path(root),
+                       run_name=name, seed=0, trials=trials, callback=tune.Callback(), max_concurrent=2,
+                       resources=spec.resources, restore=False)
+    grid = tuner.fit()
+    assert len(grid) == trials and not grid.errors, grid.errors
+    values = [r.metrics.get("mean_separation") for r in grid]
+    assert all(v is not None and math.isfinite(v) for v in values), values
+    return grid
+
+
+@pytest.mark.parametrize("sampler", sorted(algorithms.SAMPLERS))
+def test_every_sampler_drives_the_define_by_run_space(sampler: str) -> None:
+    """Each sampler proposes valid points of a conditional space (Optuna in-process)."""
+    import optuna
+
+    spec = parse_spec({**BASE, "sampler": sampler, "params": {
+        **BASE["params"], "moe_experts": {"type": "int", "low": 2, "high": 6, "when": {"use_moe": True}}}},
+        "a.yaml")
+    study = optuna.create_study(sampler=algorithms.make_sampler(sampler, 0))
+    study.optimize(lambda t: (v := spec.suggest(t))["lr_generator"] * (2 if v["use_moe"] else 1), n_trials=12)
+    assert len(study.trials) == 12 and all(1e-4 <= t.params["lr_generator"] <= 1e-3 for t in study.trials)
+    assert all(("moe_experts" in t.params) == t.params["use_moe"] for t in study.trials)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["random", "cmaes"])
+def test_samplers_run_a_real_search(tiny, sampler: str) -> None:
+    grid = _fit(tiny, f"s-{sampler}", sampler=sampler)
+    assert {"lr_generator", "mask_loss_weight"} <= set(grid[0].config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", [s for s in algorithms.SCHEDULERS if s != "none"])
+def test_every_scheduler_runs_a_real_search(tiny, scheduler: str) -> None:
+    grid = _fit(tiny, f"h-{scheduler}", scheduler=scheduler, trials=3, epochs=2)
+    assert max(r.metrics["training_iteration"] for r in grid) == 2
