@@ -233,7 +233,7 @@ def test_family_refuses_a_detector_it_does_not_declare(detector: str) -> None:
         parse_spec(raw, "space.yaml")
     message = str(err.value)
     assert f"does not generate showers for detector {detector!r}" in message
-    assert "pairs that exist: zdc_swiglu+zdc" in message
+    assert "pairs that exist: " in message and "zdc_swiglu+zdc" in message.split("pairs that exist: ")[1]
 
 
 def test_objective_defaults_to_the_detectors_own() -> None:
