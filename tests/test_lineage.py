@@ -191,6 +191,9 @@ def test_fine_tuning_search_on_a_registered_model_records_its_lineage(tmp_path: 
     assert search[0].data.params["parent_model"] == label
     assert len(trials) == 2 and all(t.data.tags["calotune.parent_model"] == label for t in trials)
     assert all(t.data.params["lr_generator"] for t in trials)
+    for t in trials:  # physics and progress, not Ray's bookkeeping
+        assert not {"pid", "timestamp", "time_since_restore", "iterations_since_restore"} & set(t.data.metrics)
+        assert "training_iteration" in t.data.metrics and "train_loss_generator" in t.data.metrics
     child = client.get_model_version_by_alias(name, "candidate")
     assert int(child.version) > int(parent_version)
     assert child.tags["calotune.parent_model"] == label and child.tags["train_phases"] == "train"

@@ -182,6 +182,16 @@ def is_baseline(config: dict[str, Any], baseline: dict[str, Any]) -> bool:
 
 
 # --- MLflow callback -----------------------------------------------------------------
+#: What Ray Tune adds to every result: bookkeeping, not physics, so not MLflow metrics (the
+#: node is a tag; ``training_iteration``, the epochs done, stays: it is the trial's progress).
+RAY_RESULT_KEYS = frozenset({
+    "timestamp", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "date", "done",
+    "time_since_restore", "iterations_since_restore", "timesteps_since_restore", "timesteps_total",
+    "episodes_total", "trial_id", "experiment_tag", "config", "should_checkpoint",
+    "checkpoint_dir_name", "node_id",
+})
+
+
 class MlflowTrialCallback(Callback):
     """Mirror every trial into a nested MLflow run under the search's parent run.
 
@@ -284,7 +294,8 @@ class MlflowTrialCallback(Callback):
     def _result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         run_id = self.tracker.trial_run(trial_id, config)
         step = int(result.get("training_iteration", 0))
-        self.tracker.log_metrics(run_id, {k: v for k, v in result.items() if k not in self.objectives},
+        self.tracker.log_metrics(run_id, {k: v for k, v in result.items()
+                                          if k not in self.objectives and k not in RAY_RESULT_KEYS},
                                  step=step)
         node = result.get("node_id")
         if node and self._nodes.get(trial_id, [None])[-1] != node:
