@@ -15,6 +15,7 @@ _REGISTRY: dict[str, str] = {
     "calochallenge-1-pions": "calotune.detectors.calochallenge:dataset_1_pions",
     "calochallenge-2": "calotune.detectors.calochallenge:dataset_2",
     "calochallenge-3": "calotune.detectors.calochallenge:dataset_3",
+    "atlas-regular": "calotune.detectors.atlas_regular:atlas_regular",
 }
 
 
@@ -23,7 +24,7 @@ def detector_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_detector(name: str, **geometry: Any) -> Detector:
+def get_detector(name: str, /, **geometry: Any) -> Detector:
     """Build a registered detector, optionally overriding geometry fields."""
     if name not in _REGISTRY:
         raise UserError(

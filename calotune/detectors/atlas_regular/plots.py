@@ -1,0 +1,7 @@
+"""Reference-vs-generated plots of the regular binning (the CaloChallenge plots)."""
+
+from __future__ import annotations
+
+from calotune.detectors.calochallenge.plots import plot_detector
+
+__all__ = ["plot_detector"]
