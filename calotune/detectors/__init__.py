@@ -15,6 +15,7 @@ _REGISTRY: dict[str, str] = {
     "calochallenge-1-pions": "calotune.detectors.calochallenge:dataset_1_pions",
     "calochallenge-2": "calotune.detectors.calochallenge:dataset_2",
     "calochallenge-3": "calotune.detectors.calochallenge:dataset_3",
+    "cepc-ecal": "calotune.detectors.cepc:CEPCECal",
     "hgcal": "calotune.detectors.hgcal:HGCal",
     "atlas-regular": "calotune.detectors.atlas_regular:atlas_regular",
 }

@@ -26,6 +26,7 @@ from calotune.models.base import show as _show
 
 _FAMILIES: dict[str, str] = {
     "zdc_swiglu": "calotune.models.zdc_swiglu",
+    "cepc_transformer": "calotune.models.cepc_transformer",
     "atlas_qvae": "calotune.models.atlas_qvae",
     "hgcal_score": "calotune.models.hgcal_score",
 }

@@ -1,0 +1,67 @@
+"""The CEPC ECAL barrel: geometry, synthesis, files, scores and plots behind one Detector."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from calotune.detectors.base import Detector
+from calotune.detectors.cepc import evaluation, plots, synthesis
+from calotune.detectors.cepc.geometry import CEPCGeometry
+from calotune.detectors.cepc.io import CONDITION_KEYS, CEPCFiles
+from calotune.errors import UserError
+from calotune.pointclouds import PointCloudSet
+
+__all__ = ["CEPCECal"]
+
+
+class CEPCECal(CEPCFiles, Detector):
+    """The CEPC ECAL barrel as fired-cell point clouds: ``CEPCECal(**overrides)`` takes any
+    :class:`CEPCGeometry` field by keyword."""
+
+    name = "cepc-ecal"
+    conditions = ("energy", "px", "py", "pz")
+    parts = ("hits",)
+    shower_kind = "points"
+    #: bump when the synthetic parametrisation changes, so cached samples are rebuilt.
+    synthesis_version = 1
+    condition_keys: dict[str, str] = CONDITION_KEYS
+
+    def __init__(self, **geometry: Any) -> None:
+        self.geometry = CEPCGeometry(**geometry)
+
+    def __repr__(self) -> str:
+        return f"CEPCECal({self.geometry})"
+
+    @property
+    def part_sizes(self) -> dict[str, int]:
+        return {"hits": 4 * self.geometry.max_hits}
+
+    def geometry_dict(self) -> dict[str, Any]:
+        return asdict(self.geometry)
+
+    @classmethod
+    def from_geometry(cls, geometry: dict[str, Any]) -> CEPCECal:
+        known = [f.name for f in fields(CEPCGeometry)]
+        unknown = sorted(set(geometry) - set(known))
+        if unknown:
+            raise UserError(f"cepc-ecal geometry: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return cls(**geometry)
+
+    def synthesize(self, n_events: int, seed: int, **options: Any) -> PointCloudSet:
+        """GFlash photon/electron showers (:mod:`calotune.detectors.cepc.synthesis`)."""
+        return synthesis.synthesize(self.geometry, n_events, seed, name=self.name,
+                                    version=self.synthesis_version, **options)
+
+    def objectives(self) -> dict[str, str]:
+        return dict(evaluation.OBJECTIVES)
+
+    def default_objective(self) -> tuple[str, str]:
+        return evaluation.default_objective()
+
+    def scores(self, reference: PointCloudSet, generated: PointCloudSet) -> dict[str, float]:
+        return evaluation.cepc_scores(reference, generated, self.geometry)
+
+    def plot(self, reference: PointCloudSet, generated: PointCloudSet, out_dir: Path) -> list[Path]:
+        return plots.plot_cepc(reference, generated, self.geometry, Path(out_dir))
