@@ -1,8 +1,8 @@
 """``python -m calotune.evaluate GEN --reference REF --dataset D``: the physics report.
 
 Computes, for a generated sample against a reference sample, every number the
-CaloChallenge 2022 evaluation defines (community paper arXiv 2410.21611; physics.md
-sections 2-5): separation power (arXiv 2009.03796 eq. 15) of every high-level-feature
+CaloChallenge 2022 evaluation defines (community paper arXiv
+2410.21611): separation power (arXiv 2009.03796 eq. 15) of every high-level-feature
 histogram, FPD and KPD (arXiv 2211.10295) with errors, classifier AUC and JSD on low- and
 high-level inputs, with all sample sizes. Next to each number it reports the same metric
 for two halves of the reference ("reference vs reference"), the floor a perfect generator

@@ -1,4 +1,4 @@
-"""Classifier two-sample test (physics.md section 4) and its statistics helpers."""
+"""Classifier two-sample test (arXiv 2410.21611) and its statistics helpers."""
 
 from __future__ import annotations
 

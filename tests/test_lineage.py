@@ -197,5 +197,6 @@ def test_fine_tuning_search_on_a_registered_model_records_its_lineage(tmp_path: 
     child = client.get_model_version_by_alias(name, "candidate")
     assert int(child.version) > int(parent_version)
     assert child.tags["calotune.parent_model"] == label and child.tags["train_phases"] == "train"
+    assert child.tags["improves_on_parent"] in {"true", "false"}
     # the baseline trial is the parent itself, fine-tuned with its own settings
     assert math.isfinite(float(child.tags["score"]))

@@ -57,7 +57,7 @@ class Detector(ABC):
 
     @abstractmethod
     def synthesize(self, n_events: int, seed: int, **options: Any) -> ShowerSet:
-        """Synthetic reference showers (parametrised, physics.md section 7)."""
+        """Synthetic reference showers (parametrised, GFlash, hep-ex/0001020)."""
 
     @abstractmethod
     def read(self, path: Path, max_events: int | None = None) -> ShowerSet:

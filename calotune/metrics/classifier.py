@@ -1,4 +1,4 @@
-"""Classifier two-sample test of the CaloChallenge 2022 (physics.md section 4).
+"""Classifier two-sample test of the CaloChallenge 2022 (arXiv 2410.21611).
 
 A binary classifier is trained to tell reference (label 1) from generated (label 0)
 showers; its calibrated ROC AUC on a held-out split (0.5 = indistinguishable) and
@@ -138,7 +138,7 @@ class ClassifierResult:
 
 def low_level_inputs(showers: np.ndarray, energy: np.ndarray, threshold_mev: float = 0.0
                      ) -> np.ndarray:
-    """[log10 E_inc, voxels / E_inc] (physics.md section 4), threshold applied first.
+    """[log10 E_inc, voxels / E_inc] (arXiv 2410.21611), threshold applied first.
 
     Dividing by E_inc makes the input scale-free across three decades of energy;
     sub-threshold voxels are zeroed so that noise a detector would never record cannot

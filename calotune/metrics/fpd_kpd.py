@@ -3,7 +3,7 @@
 Implemented here rather than imported from ``jetnet`` (the reference implementation):
 ``pip install --dry-run jetnet==0.2.5`` into our environment would add about 50 packages
 (coffea, numba/llvmlite, awkward, uproot, ipython, tables, energyflow, ...) for two
-functions of a few dozen lines, so the definitions of physics.md section 5 are
+functions of a few dozen lines, so the definitions of arXiv 2211.10295 are
 implemented directly and tested against them. The procedure mirrors jetnet 0.2.5:
 
 - both samples are divided by the reference's per-feature max |x| (features that are

@@ -1,8 +1,7 @@
 """CaloChallenge 2022 high-level features (HLF) for any CaloChallenge-like geometry.
 
 Definitions follow the CaloChallenge 2022 evaluation (community paper arXiv 2410.21611,
-and ``HighLevelFeatures.py`` of the challenge's public evaluation code), restated in
-physics.md section 2:
+and ``HighLevelFeatures.py`` of the challenge's public evaluation code):
 
 - the readout threshold is applied first: voxels below it become 0;
 - E_tot, E_tot / E_inc, E_layer[l], sparsity[l] = 1 - fraction of voxels above threshold;
@@ -14,7 +13,7 @@ physics.md section 2:
 A geometry is described by :class:`Binning` (radial edges and number of angular bins per
 layer, in the CaloChallenge voxel order layer -> alpha -> r), so the same code serves
 datasets 1, 2, 3 and any future voxelisation of the same kind. The binnings of the
-challenge's histograms (physics.md section 3) live here too, because they depend on the
+challenge's histograms (arXiv 2410.21611) live here too, because they depend on the
 geometry and on the reference sample, and both the detector's search scores and
 ``calotune.evaluate`` must use exactly the same ones.
 """
@@ -241,7 +240,7 @@ class HighLevelFeatures:
 
         [log10 E_inc, log10(E_layer + 1e-8), EC_eta / 100, EC_phi / 100, width_eta / 100,
         width_phi / 100 (alpha-binned layers), log10(E_tot + 1e-8), sparsity,
-        EC_r / 100, width_r / 100] (physics.md sections 4 and 5; CaloChallenge
+        EC_r / 100, width_r / 100] (arXiv 2410.21611, 2211.10295; CaloChallenge
         ``prepare_high_data_for_classifier``, with the r columns it has had since
         November 2023: 30 columns for ds1-photons, 362 for ds2/ds3). FPD/KPD values
         (arXiv 2211.10295, as used in arXiv 2410.21611) are only comparable with published
@@ -385,7 +384,7 @@ ETOT_EINC_PER_ENERGY_EDGES = 21
 
 def challenge_bins(binning: Binning, reference: HighLevelFeatures,
                    voxel_max: float | None = None) -> dict[str, list[np.ndarray]]:
-    """The CaloChallenge histogram binnings (physics.md section 3), fixed by the reference.
+    """The CaloChallenge histogram binnings (arXiv 2410.21611), fixed by the reference.
 
     Returns feature -> list of edge arrays, one per column of that feature (one per layer,
     or per alpha-binned layer for eta/phi; one entry for E_tot/E_inc and voxel_energy; one

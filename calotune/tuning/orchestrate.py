@@ -442,6 +442,7 @@ def _search(plan: Plan, t_start: float) -> int:
 
     from calotune.data.splits import split
     from calotune.models.registry import config_fields
+    from calotune.spec import TrainerConfig
     from calotune.tracking.mlflow_tracker import Tracker
     from calotune.tuning import lifecycle
     from calotune.tuning.lineage import PARENT_TAG
@@ -452,6 +453,9 @@ def _search(plan: Plan, t_start: float) -> int:
     splits = split(plan.showers, spec.data.validation_fraction, spec.data.test_fraction, seed=plan.seed)
     model_defaults = {name: f.default for name, f in config_fields(spec.family).items()
                       if f.default is not dataclasses.MISSING}
+    # the trainer's own defaults too: a searched batch_size's baseline is TrainerConfig's, not
+    # the first listed choice
+    model_defaults.update(dataclasses.asdict(TrainerConfig()))
     if plan.parent is not None:  # the baseline of a search on a registered model is that model
         model_defaults.update(plan.parent.params)
     baseline = spec.defaults({**model_defaults, **spec.fixed})
@@ -592,8 +596,7 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
         tracker.end_search("FAILED")
         log.error("all %d trials failed: %s", len(outcomes), reasons)
         return 1
-    ranked = sorted(ok, key=lambda o: sign * float(o.metrics[metric]))
-    best = ranked[0]
+    best = min(ok, key=lambda o: sign * float(o.metrics[metric]))
     front: list[TrialOutcome] = []
     if len(spec.objectives) > 1:
         from calotune.tuning.pareto import pareto_front, select
@@ -603,7 +606,6 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
         points = [[float(t.metrics[n]) for n in names] for t in ok]
         front = [ok[i] for i in pareto_front(points, modes)]
         best = ok[select(points, modes, names, spec.select)]
-        ranked = [best, *[t for t in sorted(front, key=lambda o: sign * float(o.metrics[metric])) if t is not best]]
         _log_front(tracker, runs, front, best, names, spec.select)
     base = next((o for o in ok if is_baseline(o.config, baseline)), None)
 
@@ -617,15 +619,15 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
         if outcome is not None and scores is not None and outcome.trial_id in runs:
             tracker.log_metrics(runs[outcome.trial_id], {f"test_{k}": v for k, v in scores.items()})
 
-    # Plots for the best few trials: generated vs reference on the held-out split.
+    # Plots of the best and the default trial, generated vs reference on the held-out split,
+    # from the samples just scored: generating more only for plots costs as much as the
+    # scoring again, which for a diffusion family is minutes per trial.
     detector = plan.detector
     with tempfile.TemporaryDirectory(prefix="calotune-plots-") as tmp:
-        for outcome in ranked[:3]:
-            if outcome.trial_id not in runs:
+        for outcome in (best, base):
+            if outcome is None or outcome.trial_id not in runs:
                 continue
-            gen = generated.get(outcome.trial_id)
-            if gen is None:
-                gen = score_model(outcome.checkpoint / BEST_DIR, splits.test, plan.seed)[1]
+            gen = generated[outcome.trial_id]
             out = Path(tmp) / outcome.trial_id
             detector.plot(splits.test, gen, out)
             tracker.log_artifacts(runs[outcome.trial_id], out, "plots")
@@ -650,6 +652,17 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
     # real one for production (their cells cannot be compared).
     model_name = registered_model_name(spec.detector, plan.detector.geometry_dict(),
                                        get_detector(spec.detector).geometry_dict())
+    # A search on a registered model says whether it improved on it: the parent is the
+    # baseline trial. The version is registered either way (the record of what was tried);
+    # promotion, which compares candidate and production on held-out data, gates the rest.
+    gain: dict[str, str] = {}
+    if plan.parent is not None and test_base is not None:
+        better = sign * test_best[metric] < sign * test_base[metric]
+        gain = {"improves_on_parent": str(better).lower()}
+        if not better:
+            log.warning("no trial beat the parent %s on the held-out split (%s %.5g vs %.5g); the "
+                        "candidate is tagged improves_on_parent=false", plan.parent.label, metric,
+                        test_best[metric], test_base[metric])
     # Registration, the alias and the FINISHED record are one step: a signal waits for it.
     with uninterrupted():
         if best_run is not None:
@@ -661,7 +674,7 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
                 "test_fraction": spec.data.test_fraction,
                 "baseline_score": f"{test_base[metric]:.6g}" if test_base else "n/a",
                 **({PARENT_TAG: plan.parent.label, "train_phases": ",".join(spec.train_phases) or "none"}
-                   if plan.parent is not None else {}),
+                   if plan.parent is not None else {}), **gain,
             })
             tracker.set_tags(tracker.parent_run_id, {"calotune.registered": f"{model_name}/{version}"})
         tracker.set_tags(tracker.parent_run_id, {"calotune.state": "finished"})

@@ -1,7 +1,7 @@
 """CaloChallenge 2022 detectors: datasets 1-photons, 1-pions, 2 and 3.
 
 Geometry, file layout and scores follow the Fast Calorimeter Simulation Challenge 2022
-(community paper arXiv 2410.21611; physics.md sections 1-5). Modules, the same set for
+(community paper arXiv 2410.21611). Modules, the same set for
 every detector: :mod:`.geometry` (voxel layout, point-cloud cell centres), :mod:`.synthesis`
 (GFlash showers, hep-ex/0001020), :mod:`.io` (HDF5 layout), :mod:`.evaluation`
 (separation power, FPD/KPD, classifier), :mod:`.plots`, and :mod:`.detector` (the

@@ -1,4 +1,4 @@
-"""CaloChallenge 2022 geometries (arXiv 2410.21611; physics.md section 1) and their cell centres.
+"""CaloChallenge 2022 geometries (arXiv 2410.21611) and their cell centres.
 
 Voxel order layer -> alpha -> r, ``showers.reshape(N, n_layers, n_alpha, n_r)`` for datasets
 2 and 3; dataset 1 has per-layer (r x alpha) binnings from the challenge's public
@@ -25,7 +25,7 @@ from calotune.metrics.hlf import Binning, Layer
 
 __all__ = ["DATASET_WIDTHS", "CaloChallengeGeometry", "cell_centres", "locate"]
 
-#: voxel widths of the four public datasets (physics.md section 1), for error messages.
+#: voxel widths of the four public datasets (arXiv 2410.21611), for error messages.
 DATASET_WIDTHS = {"1-photons": 368, "1-pions": 533, "2": 6480, "3": 40500}
 
 
@@ -244,8 +244,8 @@ _DS1_PIONS = CaloChallengeGeometry(
 def _ds23(n_alpha: int, n_r: int, dataset: str) -> CaloChallengeGeometry:
     """Datasets 2 and 3: W/Si, 45 layers of 2 x (1.4 mm W + 0.3 mm Si) = 0.8 X0 each;
     readout threshold 0.5 keV / sampling fraction 0.033 = 15.15 keV; tungsten E_c ~ 8 MeV,
-    R_M ~ 9.3 mm (physics.md sections 1 and 7). Histogram ranges: EC +-30 mm, widths
-    [0, 30], EC_r [0, 42], width_r [0, 20] mm (physics.md section 3)."""
+    R_M ~ 9.3 mm (arXiv 2410.21611; GFlash, hep-ex/0001020). Histogram ranges: EC +-30 mm, widths
+    [0, 30], EC_r [0, 42], width_r [0, 20] mm (arXiv 2410.21611)."""
     edges = tuple(float(r) for r in np.linspace(0.0, 41.85, n_r + 1))
     return CaloChallengeGeometry(
         name=f"calochallenge-{dataset}",
@@ -274,7 +274,7 @@ _DS3 = _ds23(50, 18, "3")
 
 #: Length (mm) of one unit of ``depth_edges``: X0 for electromagnetic, lambda for pion
 #: geometries. Datasets 2/3 (W/Si): 2 x (1.4 mm W + 0.3 mm Si) = 3.4 mm per 0.8 X0
-#: (physics.md section 1), 4.25 mm per X0. Dataset 1 (ATLAS Pb/LAr + Fe/scintillator):
+#: (arXiv 2410.21611), 4.25 mm per X0. Dataset 1 (ATLAS Pb/LAr + Fe/scintillator):
 #: rounded nominal values, X0 ~ 18 mm of the LAr barrel and lambda ~ 200 mm (assumed;
 #: they only place the layers, nothing is scored in mm along z).
 DEPTH_UNIT_MM: dict[str, float] = {"electron": 4.25, "photon": 18.0, "pion": 200.0}

@@ -42,7 +42,7 @@ def _longitudinal(energy: np.ndarray, z: float, critical: float, rng: np.random.
 
 
 # ============================================================================ synthesis
-# GFlash (hep-ex/0001020) as summarised in physics.md section 7. Energies in MeV unless
+# GFlash (Grindhammer & Peters, hep-ex/0001020). Energies in MeV unless
 # a name says GeV; longitudinal depth t in X0; radii in Moliere radii unless "_mm".
 
 #: energy spots per GeV in a sampling calorimeter: 10.3 / 0.11 (E/GeV)^0.959.
@@ -158,7 +158,7 @@ def _synthesize_hadronic(geom: CaloChallengeGeometry, energy: np.ndarray,
     GFlash in X0 from the interaction point, with the depth profile of one pi0 sub-shower
     of energy f_em E / n_pi0, n_pi0 ~ sqrt(E/GeV)) and a hadronic part (Bock et al.: Gamma
     profile in lambda with a = 0.6165 + 0.3183 ln E, d = 0.9099 - 0.0237 ln E, E in GeV;
-    physics.md section 7, parameters to be verified) seen with response h/e."""
+    GFlash, hep-ex/0001020; parameters to be verified) seen with response h/e."""
     n = len(energy)
     e_gev = energy / 1e3
     depth = np.asarray(geom.depth_edges)  # lambda

@@ -4,7 +4,7 @@ Modelled on the ePIC ZDC that the Academia Sinica ZDC-ML group trains on (seed s
 000): ECAL and HCAL are separate parts because their networks run as parallel paths,
 and the HCAL keeps its full (layer, x, y) segmentation because the X-Z development of
 neutron showers is what those networks find hardest. Real simulation output is not
-public, so :meth:`ZDC.synthesize` builds parametrised showers instead (physics.md §7):
+public, so :meth:`ZDC.synthesize` builds parametrised showers instead (GFlash, hep-ex/0001020):
 photons follow Grindhammer & Peters (GFlash, hep-ex/0001020), neutrons the hadronic
 profile of Bock et al., NIM 186 (1981) 533 (both in :mod:`calotune.detectors.gflash`).
 

@@ -4,7 +4,7 @@ The features are the quantities the ZDC group checks on every model (seed 000 sl
 "HCAL Energy Scale Distribution", "HCAL Energy Fraction (HCAL / Total)", the X-Z view of
 the HCAL shower), plus the CaloChallenge-style shower shape: energy-weighted centre and
 width, computed with 1e-16 added to every denominator as the CaloChallenge 2022 evaluation
-does (arXiv 2410.21611; guide/physics.md section 2). Each feature is compared between the
+does (arXiv 2410.21611). Each feature is compared between the
 reference and a generated sample by the separation power (arXiv 2009.03796 eq. 15), and
 the mean over features is the single objective a search minimises.
 
@@ -41,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger("calotune.metrics.zdc")
 
-#: CaloChallenge's guard against empty showers (physics.md section 2).
+#: CaloChallenge's guard against empty showers (arXiv 2410.21611).
 EPS = 1e-16
 
 #: Per-event scalar features compared one histogram each.

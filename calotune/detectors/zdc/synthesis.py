@@ -1,4 +1,4 @@
-"""Parametrised ZDC showers (real ePIC simulation output is not public; physics.md section 7).
+"""Parametrised ZDC showers (real ePIC simulation output is not public; GFlash, hep-ex/0001020).
 
 Photons follow GFlash (Grindhammer & Peters, hep-ex/0001020), neutrons the hadronic
 profile of Bock et al., NIM 186 (1981) 533, both from :mod:`calotune.detectors.gflash`.
