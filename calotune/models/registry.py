@@ -29,6 +29,7 @@ _FAMILIES: dict[str, str] = {
     "cepc_transformer": "calotune.models.cepc_transformer",
     "atlas_qvae": "calotune.models.atlas_qvae",
     "hgcal_score": "calotune.models.hgcal_score",
+    "calochallenge_vq": "calotune.models.calochallenge_vq",
 }
 
 
