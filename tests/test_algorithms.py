@@ -56,6 +56,22 @@ def test_defaults_follow_the_number_of_objectives() -> None:
     assert sampler._multivariate and sampler._group
 
 
+@pytest.mark.parametrize("sampler", sorted(algorithms.SAMPLERS))
+def test_every_sampler_pickles_with_its_state(sampler: str) -> None:
+    """Ray Tune pickles the searcher into every experiment snapshot: a sampler that cannot
+    be pickled (Optuna 5.1's NSGA-II holds a thread lock) kills the search at its start."""
+    import pickle
+
+    import optuna
+
+    study = optuna.create_study(sampler=algorithms.make_sampler(sampler, 0))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2, n_trials=3)
+    clone = pickle.loads(pickle.dumps(study.sampler))
+    study.sampler = clone
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) ** 2, n_trials=2)
+    assert len(study.trials) == 5
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     import ray

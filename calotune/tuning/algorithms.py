@@ -92,10 +92,12 @@ def _sampler(samplers: Any, name: str, seed: int, options: dict[str, Any]) -> An
     if name == "qmc":
         return samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False,
                                    warn_asynchronous_seeding=False)
+    from calotune.tuning import samplers as picklable  # Tune pickles the sampler with its state
+
     if name == "nsga2":
-        return samplers.NSGAIISampler(seed=seed)
+        return picklable.NSGAIISampler(seed=seed)
     if name == "nsga3":
-        return samplers.NSGAIIISampler(seed=seed)
+        return picklable.NSGAIIISampler(seed=seed)
     raise UserError(f"unknown sampler {name!r}")
 
 
