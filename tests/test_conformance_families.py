@@ -55,6 +55,25 @@ def _cases() -> list[tuple[str, str]]:
 CASES = _cases()
 
 
+def _family_cases() -> list[tuple[str, str]]:
+    """One (family, detector) per family: its tiny space's detector, else its first case.
+
+    The checkpoint and two-rank tests check the trainer's contract with the family (the
+    same code on every detector); they run once per family, the shape tests on every
+    detector. Each spawns processes or trains whole epochs: the suite must stay fast on
+    2 cores as families are added.
+    """
+    out = []
+    for family in family_names():
+        own = [c for c in CASES if c[0] == family]
+        tiny = _tiny_space(family).get("detector")
+        out.append(next((c for c in own if c[1] == tiny), own[0]))
+    return out
+
+
+FAMILY_CASES = _family_cases()
+
+
 @dataclasses.dataclass
 class Setup:
     family: str
@@ -81,14 +100,22 @@ class Setup:
                             validation_batch=32)
 
 
-@pytest.fixture(params=CASES, ids=[f"{f}-{d}" for f, d in CASES])
-def setup(request: pytest.FixtureRequest) -> Setup:
-    family, name = request.param
+def _setup(family: str, name: str) -> Setup:
     space = _tiny_space(family)
     geometry = space.get("geometry", {}) if space.get("detector") == name else {}
     fixed = space.get("fixed", {})
     params = {k: v for k, v in fixed.items() if k not in TRAINER_PARAMS}
     return Setup(family, name, geometry, params, int(fixed.get("batch_size", 32)))
+
+
+@pytest.fixture(params=CASES, ids=[f"{f}-{d}" for f, d in CASES])
+def setup(request: pytest.FixtureRequest) -> Setup:
+    return _setup(*request.param)
+
+
+@pytest.fixture(params=FAMILY_CASES, ids=[f"{f}-{d}" for f, d in FAMILY_CASES])
+def family_setup(request: pytest.FixtureRequest) -> Setup:
+    return _setup(*request.param)
 
 
 def model_config(s: Setup) -> Any:
@@ -248,8 +275,9 @@ class _Interrupt(Exception):
     pass
 
 
-def test_restored_checkpoint_takes_the_same_next_step_bit_for_bit(setup: Setup, tmp_path: Path) -> None:
+def test_restored_checkpoint_takes_the_same_next_step_bit_for_bit(family_setup: Setup, tmp_path: Path) -> None:
     """2 epochs straight == 1 epoch, checkpoint, a fresh process state, restore, 1 epoch."""
+    setup = family_setup
     data = setup.data()
     epochs = max(2, len(setup.model().phases()) + 1)
     ctx = setup.ctx(epochs)
@@ -327,7 +355,8 @@ def _rank_main(rank: int, s: Setup, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_average_gradients_and_end_identical(setup: Setup, tmp_path: Path) -> None:
+def test_two_ranks_average_gradients_and_end_identical(family_setup: Setup, tmp_path: Path) -> None:
+    setup = family_setup
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_rank_main, args=(setup, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
