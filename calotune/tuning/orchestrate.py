@@ -270,8 +270,8 @@ def _check_phases(spec, detector, where: str) -> None:
     would fail after Ray started; checked on a model built on the meta device (no memory)."""
     import torch
 
-    from calotune.models.base import allocate_epochs
     from calotune.models.registry import build_model, config_fields
+    from calotune.tuning.worker import phase_schedule
 
     if spec.train_phases == ():
         return  # sampling-only: one round, no phases
@@ -281,13 +281,12 @@ def _check_phases(spec, detector, where: str) -> None:
     model_params = {k: v for k, v in params.items() if k in config_fields(spec.family)}
     with torch.device("meta"):
         phases = build_model(spec.family, model_params, detector).phases()
-    if spec.train_phases:
-        phases = tuple(p for p in phases if p.name in spec.train_phases)
     try:
-        allocate_epochs(phases, spec.max_epochs)
+        phase_schedule(phases, spec.train_phases, spec.max_epochs)
     except ValueError as exc:
+        trained = [p.name for p in phases if spec.train_phases is None or p.name in spec.train_phases]
         raise UserError(f"{where} {spec.max_epochs}: family {spec.family!r} trains in phases "
-                        f"{[p.name for p in phases]}: {exc}") from None
+                        f"{trained}: {exc}") from None
 
 
 def _check_split_sizes(spec, n: int, data_path: Path, args: SearchRequest) -> None:

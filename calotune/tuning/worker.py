@@ -339,18 +339,23 @@ SAMPLING_ONLY = Phase("sampling", scoreable=True)
 
 
 def trial_schedule(model: GenerativeModel, ctx: TrialContext) -> list[tuple[Phase, int]]:
-    """(phase, epoch within phase) of each epoch of the trial.
+    """(phase, epoch within phase) of each epoch of the trial (see :func:`phase_schedule`)."""
+    return phase_schedule(model.phases(), ctx.train_phases, ctx.max_epochs)
 
-    All of the family's phases, or only ``ctx.train_phases`` (a search on a registered
-    model), or for a sampling-only search (``train_phases == ()``) ``max_epochs`` rounds
-    of :data:`SAMPLING_ONLY` (the search loader fixes that to one).
+
+def phase_schedule(phases: tuple[Phase, ...], train_phases: tuple[str, ...] | None,
+                   max_epochs: int) -> list[tuple[Phase, int]]:
+    """The one rule for which phases a trial trains, used by the trainer and by the
+    search's check before Ray starts: all of the family's phases, or only
+    ``train_phases`` (a search on a registered model), or for a sampling-only search
+    (``train_phases == ()``) ``max_epochs`` rounds of :data:`SAMPLING_ONLY` (the search
+    loader fixes that to one). ValueError from :func:`allocate_epochs` if they do not fit.
     """
-    if ctx.train_phases is None:
-        return allocate_epochs(model.phases(), ctx.max_epochs)
-    if not ctx.train_phases:
-        return [(SAMPLING_ONLY, k) for k in range(ctx.max_epochs)]
-    chosen = [p for p in model.phases() if p.name in ctx.train_phases]
-    return allocate_epochs(chosen, ctx.max_epochs)
+    if train_phases is None:
+        return allocate_epochs(phases, max_epochs)
+    if not train_phases:
+        return [(SAMPLING_ONLY, k) for k in range(max_epochs)]
+    return allocate_epochs([p for p in phases if p.name in train_phases], max_epochs)
 
 
 #: Suffix of every validation score made at a family's reduced sampling cost.
