@@ -35,7 +35,7 @@ def run_cli(body: Callable[[], int]) -> int:
         return body()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return UserError.exit_code
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

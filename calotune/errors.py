@@ -16,3 +16,13 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class ServiceError(UserError):
+    """A service calotune starts for the user (a local Ray, a store) could not be started.
+
+    Not the input's fault, so the exit status is 1, not 2; still one line that says what
+    failed and what to try, never a traceback, and raised before anything is written.
+    """
+
+    exit_code = 1

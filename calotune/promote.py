@@ -99,7 +99,7 @@ def held_out(ref, detector, data: Path | None, independent: bool = False) -> Ref
     the recorded one: the same test split (never the whole file: most of it trained the
     candidate). With another file: only if the user states it is independent.
     """
-    from calotune.data.splits import split
+    from calotune.data.splits import detach, split
 
     recorded = ref.tags.get("data_hash")
     who = f"candidate v{ref.version}"
@@ -141,7 +141,8 @@ def held_out(ref, detector, data: Path | None, independent: bool = False) -> Ref
                             f"the file, or {independent_hint}")
     seed, val, test = _split_of(ref)
     try:
-        sample = split(detector.read(path), val, test, seed=seed).test
+        # in place, then a copy of the test rows: one copy of the file in memory, not two
+        sample = detach(split(detector.read(path), val, test, seed=seed, in_place=True).test)
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
     return Reference(sample, path, digest, (seed, val, test))
@@ -274,8 +275,10 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
     reference = held_out(candidate, detector, args.data, args.independent_data)
     if prod_dir is not None:
         _check_fair_for_production(production, reference)
-    cand_score = score_model(cand_dir, reference.showers, args.seed)[0][objective]
-    prod_score = score_model(prod_dir, reference.showers, args.seed)[0][objective] if prod_dir else None
+    cand_scores, cand_gen = score_model(cand_dir, reference.showers, args.seed)
+    prod_scores, prod_gen = score_model(prod_dir, reference.showers, args.seed) if prod_dir else (None, None)
+    cand_score = cand_scores[objective]
+    prod_score = prod_scores[objective] if prod_scores is not None else None
     if production is None:
         better, kind = True, "first"
     elif prod_score is None:
@@ -288,8 +291,12 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
              candidate.version, cand_score, f"v{production.version}" if production else "(none)",
              f"{prod_score:.5f}" if prod_score is not None else
              ("not scored (artifacts missing)" if production else "n/a"))
-    if not better and not args.force:
+    promoted = better or args.force
+    card = _card(args, name, detector, candidate, production, reference, objective, mode, kind, promoted,
+                 (cand_scores, cand_gen), (prod_scores, prod_gen), prod_dir is not None, tmp / "card")
+    if not promoted:
         log.info("not promoted: the candidate is not better (use --force to override)")
+        _publish_card(uri, name, candidate.version, card)
         return 0
     _move(name, uri, candidate, {
         "promoted_at": now, "promoted_by": user(), "promotion": kind,
@@ -303,7 +310,84 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
         "promotion_data_split": reference.describe(),
     })
     log.info("promoted %r version %s to production", name, candidate.version)
+    _publish_card(uri, name, candidate.version, card)
     return 0
+
+
+def _card(args: argparse.Namespace, name: str, detector, candidate, production, reference: Reference,
+          objective: str, mode: str, kind: str, promoted: bool, cand: tuple, prod: tuple, prod_scored: bool,
+          out: Path) -> Path | None:
+    """Write the model card of this decision into ``out``; None (and a warning) if it fails:
+    the card documents a decision, it must never block or undo one."""
+    from calotune import modelcard
+    from calotune.tracking.mlflow_tracker import user
+
+    try:
+        floor, halves = modelcard.reference_floor(detector, reference.showers, args.seed)
+        (cand_scores, cand_gen), (prod_scores, prod_gen) = cand, prod
+        cs, ps = f"{cand_scores[objective]:.5g}", (f"{prod_scores[objective]:.5g}" if prod_scores else "")
+        floor_text = f"; the reference-vs-reference floor is {floor[objective]:.5g}" if objective in floor else ""
+        word = "lower" if mode == "min" else "higher"
+        reason = {
+            "first": f"First promotion: there was no production model. Candidate v{candidate.version} scored "
+                     f"{objective} = {cs} on the held-out data{floor_text}.",
+            "better": f"Candidate v{candidate.version} is better than production v{getattr(production, 'version', '')}"
+                      f" on {objective} ({word} is better): {cs} against {ps}{floor_text}.",
+        }.get(kind, "")
+        if not promoted:
+            kind = "refused"
+            reason = (f"Not promoted: candidate v{candidate.version} scored {objective} = {cs}, not {word} than "
+                      f"production v{production.version}'s {ps}{floor_text}. `--force` would override this.")
+        elif kind == "forced":
+            reason = (f"Promoted with --force without scoring production v{production.version}: its files are "
+                      f"missing. Candidate v{candidate.version} scored {objective} = {cs}{floor_text}."
+                      if not prod_scored else
+                      f"Promoted with --force although candidate v{candidate.version} ({objective} = {cs}) is not "
+                      f"{word} than production v{production.version} ({ps}){floor_text}.")
+        command = " ".join(["python -m calotune.promote", name,
+                            *([f"--candidate-version {args.candidate_version}"] if args.candidate_version else []),
+                            *([f"--data {args.data}"] if args.data else []),
+                            *(["--independent-data"] if args.independent_data else []),
+                            *(["--force"] if args.force else [])])
+        n = len(reference.showers)
+        card = modelcard.ModelCard(
+            model=name, detector=detector.name, objective=objective, mode=mode,
+            decision="promoted" if promoted else "not promoted", kind=kind, reason=reason,
+            candidate=modelcard.Side("candidate", candidate.version, dict(candidate.tags), cand_scores, n,
+                                     modelcard.plot_side(detector, reference.showers, cand_gen, out / "plots-c")),
+            production=modelcard.Side(
+                "production", production.version if production else None,
+                dict(production.tags) if production else {}, prod_scores, n if prod_scores else 0,
+                modelcard.plot_side(detector, reference.showers, prod_gen, out / "plots-p") if prod_scores else {},
+                note="" if production is None or prod_scored else "not scored: its artifacts are missing"),
+            floor=floor, objectives={**detector.objectives(), "gen_time_ms": "min"},  # score_model adds it
+            reference_path=str(reference.path),
+            reference_hash=reference.hash, reference_split=reference.describe(), n_reference=n,
+            floor_sizes=halves, promoted_by=user(), command=command,
+            notes=["The floor compares two disjoint random halves of the same held-out reference: what a "
+                   "perfect generator could reach with this many events. Every score here has a finite-sample "
+                   "bias that shrinks with N (arXiv 2211.10295), so judge both models against the floor at "
+                   "this N, not against published values from ~100k events."])
+        folder = out / "files"
+        modelcard.write_card(card, folder)
+        return folder
+    except Exception as exc:  # plots or rendering: never let the record block the decision
+        log.warning("model card not written: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _publish_card(uri: str, name: str, version: str, folder: Path | None) -> None:
+    """Log the card on the candidate's run and link it from the version (warning on failure)."""
+    from calotune import modelcard
+
+    if folder is None:
+        return
+    try:
+        card_uri = modelcard.publish(uri, name, version, folder)
+    except UserError as exc:
+        log.warning("model card of %r v%s not logged: %s", name, version, exc)
+        return
+    log.info("model card: %s (version tag %s)", card_uri, modelcard.TAG_MODEL_CARD)
 
 
 def _move(name: str, uri: str, ref, tags: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ result folders behind: one message, exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from calotune.cli import cli_main
@@ -39,16 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, help="override resources.workers_per_trial (DDP)")
     p.add_argument("--max-concurrent", type=int, help="override resources.max_concurrent_trials")
     p.add_argument("--sampler", help="override the space's sampler: random, tpe, cmaes, gp, qmc, nsga2, nsga3")
-    p.add_argument("--scheduler", help="override the space's scheduler: none, asha, hyperband, median")
+    p.add_argument("--scheduler", help="override the space's scheduler: none, asha, moasha (several "
+                                       "objectives), hyperband, median")
+    p.add_argument("--warm-start", nargs="?", const="auto", metavar="SOURCE",
+                   help="seed the search with earlier results: bare (or 'auto'): the detector's production "
+                        "model (the first trial) and the finished searches of the same family in the "
+                        "tracking store; or a search name, or models:/NAME@ALIAS|/VERSION (comma-separated "
+                        "for several); recorded as tag calotune.warm_start_from")
     p.add_argument("--home", type=Path, default=Path(".calotune"),
                    help="project-local folder for the data cache, MLflow store and results")
+    p.add_argument("--study-storage", metavar="URI",
+                   help="database of the search's Optuna study, for optuna-dashboard (default: SQLite "
+                        "optuna.db next to the MLflow store; a team: postgresql://USER@HOST/optuna)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="batch mode: one line per finished trial, no progress bar (also: "
+                        "CALOTUNE_PROGRESS=quiet); without a terminal there is no bar anyway")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> int:
-        fields = {k: v for k, v in vars(args).items() if k != "verbose"}
+        fields = {k: v for k, v in vars(args).items() if k not in {"verbose", "quiet"}}
+        if args.quiet:  # read by the progress view, also by one Ray Tune restores on --resume
+            os.environ["CALOTUNE_PROGRESS"] = "quiet"  # runner.PROGRESS_ENV (importing it loads Ray)
         return search(SearchRequest(**fields))
 
     return cli_main(build_parser(), body, argv)

@@ -16,7 +16,7 @@ import pytest
 from calotune.data.splits import split
 from calotune.detectors import get_detector
 from calotune.errors import UserError
-from calotune.spec import SamplerSpec, SchedulerSpec, load_spec, parse_spec
+from calotune.spec import Objective, SamplerSpec, SchedulerSpec, load_spec, parse_spec
 from calotune.tuning import algorithms
 
 BASE = {"name": "a", "family": "zdc_swiglu", "detector": "zdc",
@@ -50,7 +50,7 @@ def test_defaults_follow_the_number_of_objectives() -> None:
     one = parse_spec(BASE, "a.yaml")
     two = parse_spec({**BASE, "objectives": TWO}, "a.yaml")
     assert (one.sampler.type, one.scheduler.type) == ("tpe", "asha")
-    assert (two.sampler.type, two.scheduler.type) == ("nsga2", "none")
+    assert (two.sampler.type, two.scheduler.type) == ("nsga2", "moasha")
     tpe = parse_spec({**BASE, "sampler": {"type": "tpe", "multivariate": True}}, "a.yaml")
     sampler = algorithms.make_sampler("tpe", 0, {"multivariate": tpe.sampler.multivariate})
     assert sampler._multivariate and sampler._group
@@ -88,15 +88,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
         ray.shutdown()
 
 
-def _fit(tiny, name: str, *, sampler: str = "tpe", scheduler: str = "none", trials: int = 2, epochs: int = 1):
+def _fit(tiny, name: str, *, sampler: str = "tpe", scheduler: str = "none", trials: int = 2, epochs: int = 1,
+         objectives: tuple[Objective, ...] | None = None, data_fractions: tuple[float, ...] | None = None):
     from ray import tune
 
     from calotune.tuning.runner import make_tuner
 
     spec, ctx, data_ref, root = tiny
     spec = dataclasses.replace(spec, sampler=SamplerSpec(type=sampler), scheduler=SchedulerSpec(
-        type=scheduler, grace_period=1, reduction_factor=2), max_epochs=epochs)
-    ctx = dataclasses.replace(ctx, max_epochs=epochs)
+        type=scheduler, grace_period=1, reduction_factor=2, data_fractions=data_fractions), max_epochs=epochs,
+        objectives=objectives or spec.objectives)
+    ctx = dataclasses.replace(ctx, max_epochs=epochs, objectives=tuple((o.metric, o.mode) for o in spec.objectives),
+                              data_fractions=algorithms.epoch_fractions(data_fractions, 1, 2, epochs))
     tuner = make_tuner(spec=spec, ctx=ctx, data_ref=data_ref, baseline=spec.defaults({}), storage_path=Path(root),
                        run_name=name, seed=0, trials=trials, callback=tune.Callback(), max_concurrent=2,
                        resources=spec.resources, restore=False)
@@ -131,5 +134,50 @@ def test_samplers_run_a_real_search(tiny, sampler: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("scheduler", [s for s in algorithms.SCHEDULERS if s != "none"])
 def test_every_scheduler_runs_a_real_search(tiny, scheduler: str) -> None:
-    grid = _fit(tiny, f"h-{scheduler}", scheduler=scheduler, trials=3, epochs=2)
+    """moasha on fidelity against speed (two objectives); asha on data size as a fidelity."""
+    from calotune.tuning.runner import STOPPED_KEY, result_state
+
+    two = (Objective("mean_separation", "min"), Objective("gen_time_ms", "min"))
+    grid = _fit(tiny, f"h-{scheduler}", scheduler=scheduler, trials=3, epochs=2,
+                sampler="nsga2" if scheduler == "moasha" else "tpe",
+                objectives=two if scheduler == "moasha" else None,
+                data_fractions=(0.5, 1.0) if scheduler == "asha" else None)
     assert max(r.metrics["training_iteration"] for r in grid) == 2
+    for r in grid:
+        epochs = r.metrics["training_iteration"]
+        if scheduler == "moasha":  # both objectives ranked; a trial stopped early says where and why
+            assert math.isfinite(r.metrics["gen_time_ms"])
+            assert (epochs < 2) == (STOPPED_KEY in r.metrics), r.metrics
+            if epochs < 2:
+                assert r.metrics[STOPPED_KEY].startswith("MO-ASHA: ") and r.metrics["stopped_at_rung"] == 0
+                assert result_state(r.metrics, 2) == ("pruned", r.metrics[STOPPED_KEY])
+        if scheduler == "asha":  # the first rung on half the 140 training events, then all of them,
+            # in whole batches of 64 (a short tail batch is skipped): 64 events, then 128
+            fraction, events = (0.5, 64) if epochs == 1 else (1.0, 128)
+            assert r.metrics["train_data_fraction"] == fraction
+            assert r.metrics["train_events"] == events
+            assert r.metrics["train_events_total"] == (64 if epochs == 1 else 192)
+
+
+@pytest.mark.parametrize(("trials", "expected"), [(4, 3), (10, 3), (14, 4), (30, 10), (200, 10)])
+def test_model_based_samplers_start_from_a_third_of_a_small_budget(trials: int, expected: int) -> None:
+    """Optuna's fixed 10 random start-up trials made TPE equal to random search for most of
+    a 10-30 trial search; the default is a third of the budget, 3 to 10."""
+    assert algorithms.default_startup_trials(trials) == expected
+    sampler = algorithms.make_sampler("tpe", 0, {"n_startup_trials": expected})
+    assert sampler._n_startup_trials == expected
+
+
+def test_n_startup_trials_is_checked_and_kept_by_the_space(tmp_path) -> None:
+    base = (Path(__file__).resolve().parents[1] / "search_spaces" / "zdc_swiglu_tiny.yaml").read_text()
+    good = tmp_path / "good.yaml"
+    good.write_text(base + "\nsampler: {type: tpe, n_startup_trials: 2}\n")
+    assert load_spec(str(good)).sampler.n_startup_trials == 2
+    for text, words in (("sampler: {type: random, n_startup_trials: 2}", "not of 'random'"),
+                        ("sampler: {type: tpe, n_startup_trials: 0}", "must be >= 1"),
+                        ("sampler: {type: tpe, n_startup_trials: true}", "n_startup_trials")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(base + "\n" + text + "\n")
+        with pytest.raises(UserError) as info:
+            load_spec(str(bad))
+        assert "sampler" in str(info.value) and words in str(info.value)

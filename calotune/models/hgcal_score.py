@@ -70,6 +70,12 @@ SAMPLING_PARAMS: tuple[str, ...] = (
 #: The one phase, and the fields that change only its training (not any shape): a search
 #: with ``train_phases: [train]`` fine-tunes a registered model with these.
 PHASE_PARAMS: dict[str, tuple[str, ...]] = {"train": ("lr", "dropout", "corr_loss_weight")}
+#: Fields that act only under another field's value (read by calotune.spec_lint, which
+#: warns about a space that searches them where they are ignored).
+IGNORED_UNLESS: dict[str, dict[str, object]] = {
+    "sigma_min": {"sde": "ve"}, "sigma_max": {"sde": "ve"}, "beta_min": {"sde": "vp"}, "beta_max": {"sde": "vp"},
+    "corrector_steps": {"sampler": "pc"}, "snr": {"sampler": "pc"},
+}
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,11 @@ PHASE_PARAMS: dict[str, tuple[str, ...]] = {
               "value_loss_weight", "energy_loss_weight", "r1_weight", "moe_aux_weight",
               "mask_straight_through", "mask_temperature", "dropout"),
 }
+#: Fields that act only under another field's value (read by calotune.spec_lint, which
+#: warns about a space that searches them where they are ignored).
+IGNORED_UNLESS: dict[str, dict[str, object]] = {
+    "moe_experts": {"use_moe": True}, "moe_top_k": {"use_moe": True}, "moe_aux_weight": {"use_moe": True},
+}
 
 #: Cells are compared on u = log1p(cell / E_inc * CELL_SCALE): a typical ZDC hit
 #: (tens of MeV for 100 GeV) lands near u ~ 1, and the tiny cells stay near 0.

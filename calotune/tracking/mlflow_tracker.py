@@ -51,6 +51,10 @@ TAG_TRIAL = "calotune.trial_id"
 TAG_STATE = "calotune.state"
 TAG_KIND = "calotune.kind"
 PARENT_TAG = "mlflow.parentRunId"
+#: Experiment tag that MLflow 3's UI reads to choose an experiment's default view; without
+#: it the UI infers a kind and may open a calotune search on the GenAI (traces) tabs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the training view: runs, metrics, charts
 _STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
 
 ACCEPTED_URIS = ("sqlite:////ABSOLUTE/PATH/mlflow.db, http(s)://HOST:PORT (an MLflow server), "
@@ -354,7 +358,7 @@ def store_errors(what: str, fix: str = "check the tracking URI and that the stor
 
 
 @contextmanager
-def _first_open_lock(uri: str) -> Iterator[None]:
+def _first_open_lock(uri: str, what: str = "tracking store") -> Iterator[None]:
     """Serialise the first opening of a SQLite store across processes.
 
     MLflow creates the schema and runs its migrations when a process first opens an empty
@@ -377,7 +381,7 @@ def _first_open_lock(uri: str) -> Iterator[None]:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise UserError(f"tracking store {redact(uri)}: cannot create the lock file {lock_path} "
+        raise UserError(f"{what} {redact(uri)}: cannot create the lock file {lock_path} "
                         f"({exc.strerror}); fix the folder's permissions") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -539,7 +543,8 @@ class Tracker:
                 if artifact_root is not None and urlparse(self.uri).scheme == "sqlite":
                     location = (artifact_root / name).resolve().as_uri()
                 try:
-                    return str(self.client.create_experiment(name, artifact_location=location))
+                    return str(self.client.create_experiment(name, artifact_location=location,
+                                                             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
                 except MlflowException as exc:
                     if not _is_already_exists(exc):
                         raise
@@ -547,6 +552,10 @@ class Tracker:
                 if exp is None:
                     raise UserError(f"tracking store {redact(self.uri)}: experiment {name!r} was "
                                     f"created and deleted meanwhile; run the command again")
+            if exp.lifecycle_stage != "deleted" and EXPERIMENT_KIND_TAG not in exp.tags:
+                # made by an older calotune: give it the training view too (a kind a user
+                # chose in the UI is theirs and stays)
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         if exp.lifecycle_stage == "deleted":
             raise UserError(
                 f"tracking store {redact(self.uri)}: experiment {name!r} (id {exp.experiment_id}) was "

@@ -129,7 +129,7 @@ def budget_record(*, space_hash: str, trials: int, max_epochs: int, seed: int, d
 
 #: Parameter -> the flag that sets it, for messages.
 _FLAGS = {"trials": "--trials", "max_epochs": "--max-epochs", "seed": "--seed",
-          "sampler": "--sampler", "scheduler": "--scheduler",
+          "sampler": "--sampler", "scheduler": "--scheduler", "warm_start": "--warm-start",
           "resources.cpus_per_trial": "--cpus-per-trial", "resources.gpus_per_trial": "--gpus-per-trial",
           "resources.workers_per_trial": "--workers-per-trial",
           "resources.max_concurrent_trials": "--max-concurrent"}

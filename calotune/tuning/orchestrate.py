@@ -55,7 +55,9 @@ class SearchRequest:
     max_concurrent: int | None = None
     sampler: str | None = None
     scheduler: str | None = None
+    study_storage: str | None = None  # Optuna study database (calotune.tuning.studies); None: optuna.db beside MLflow
     home: Path = Path(".calotune")
+    warm_start: str | None = None  # calotune.tuning.warmstart: "auto", a search name, models:/...
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Plan:
     record: dict[str, str]
     address: str | None = None
     parent: Any = None  # lineage.ParentModel of a search on a registered model
+    study_storage: str | None = None  # the Optuna study's database URI (calotune.tuning.studies)
+    warm: Any = None  # warmstart.WarmStart of a new warm-started search (a resume keeps Tune's study)
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -148,11 +152,17 @@ def plan_search(args: SearchRequest) -> Plan:
         raise UserError(f"--seed must be >= 0, but got {args.seed}")
     spec = load_spec(args.space)
     parse_fault(os.environ.get(FAULT_ENV))  # a malformed fault spec fails here, not in every trial
+    _check_progress_env()
     home = _folder("--home", args.home)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:  # unreachable: refused now, not after minutes of ray.init retries
         _check_address(address, "--address" if args.address else "RAY_ADDRESS")
     uri = resolve_tracking_uri(args.tracking_uri, home, must_exist=args.resume is not None)
+    if args.warm_start is not None and args.resume is None:
+        try:  # a warm start reads the store, which must exist: opening a missing one creates it
+            resolve_tracking_uri(args.tracking_uri, home, must_exist=True)
+        except UserError as exc:
+            raise UserError(f"--warm-start {args.warm_start}: {exc}") from None
     if args.storage_path and "://" in args.storage_path:
         storage: Path | str = args.storage_path  # an object store Ray Tune writes through pyarrow
     else:
@@ -182,9 +192,13 @@ def plan_search(args: SearchRequest) -> Plan:
             raise UserError(f"--resume {name}: {spec.source} changed since the search started; "
                             f"restore the file or start a new search")
         given = {"trials": args.trials, "max_epochs": args.max_epochs, "seed": args.seed,
-                 "sampler": args.sampler, "scheduler": args.scheduler,
+                 "sampler": args.sampler, "scheduler": args.scheduler, "warm_start": args.warm_start,
                  **{f"resources.{k}": v for k, v in overrides.items()}}
         lifecycle.check_resume_flags(name, record, {k: v for k, v in given.items() if v is not None})
+        if args.warm_start is not None and "warm_start" not in record:
+            raise UserError(f"--warm-start {args.warm_start}: search {name!r} was started without a warm "
+                            f"start, and a resumed search keeps its Optuna history; drop the flag, or start "
+                            f"a new search with it")
         trials, max_epochs = int(record["trials"]), int(record["max_epochs"])
         seed = int(record["seed"])
         algorithms = {"sampler": record.get("sampler", spec.sampler.type),
@@ -218,6 +232,7 @@ def plan_search(args: SearchRequest) -> Plan:
     spec = dataclasses.replace(spec, resources=resources, trials=trials, max_epochs=max_epochs)
     detector = get_detector(spec.detector, **spec.geometry)
     _check_phases(spec, detector, "--max-epochs" if args.max_epochs else f"{spec.source}: budget.max_epochs")
+    _check_data_fractions(spec, args)
     if data_flag is not None:
         if not data_flag.is_file():
             raise UserError(f"--data {data_flag}: file does not exist")
@@ -245,9 +260,33 @@ def plan_search(args: SearchRequest) -> Plan:
         parent = lineage.load_parent(spec, detector, uri,
                                      f"models:/{pinned}" if pinned else None)
         lineage.check_parent_data(parent, data_hash, seed, spec)
+    warm = None
+    if args.warm_start is not None and args.resume is None:
+        from calotune.tuning import warmstart
+
+        warm = warmstart.plan_warm_start(args.warm_start, spec, detector, uri, baseline_config(spec, parent))
+    study_storage = _study_storage(args, home, uri)
     return Plan(spec=spec, detector=detector, showers=showers, data_path=data_path, data_hash=data_hash,
                 uri=uri, storage=storage, home=home, name=name, seed=seed,
-                resume=args.resume is not None, record=record, address=args.address, parent=parent)
+                resume=args.resume is not None, record=record, address=args.address, parent=parent,
+                warm=warm, study_storage=study_storage)
+
+
+def baseline_config(spec, parent=None) -> dict[str, Any]:
+    """The baseline trial: the default configuration as a point of the space (the trainer's
+    and the family's defaults, the parent's values on a registered model, the space's
+    ``default`` and ``fixed``)."""
+    from calotune.models.registry import config_fields
+    from calotune.spec import TrainerConfig
+
+    model_defaults = {name: f.default for name, f in config_fields(spec.family).items()
+                      if f.default is not dataclasses.MISSING}
+    # the trainer's own defaults too: a searched batch_size's baseline is TrainerConfig's, not
+    # the first listed choice
+    model_defaults.update(dataclasses.asdict(TrainerConfig()))
+    if parent is not None:  # the baseline of a search on a registered model is that model
+        model_defaults.update(parent.params)
+    return spec.defaults({**model_defaults, **spec.fixed})
 
 
 def _with_algorithms(spec, sampler: str, scheduler: str, where: str):
@@ -257,12 +296,28 @@ def _with_algorithms(spec, sampler: str, scheduler: str, where: str):
     n = len(spec.objectives)
     if sampler != spec.sampler.type:
         algorithms.check_sampler(sampler, n, spec.params, where)
+        # the space's options belong to its own sampler; a start-up count carries over where
+        # the new sampler has one
+        startup = spec.sampler.n_startup_trials if sampler in algorithms.STARTUP_SAMPLERS else None
         spec = dataclasses.replace(spec, sampler=dataclasses.replace(spec.sampler, type=sampler,
-                                                                     multivariate=False))
+                                                                     multivariate=False,
+                                                                     n_startup_trials=startup))
     if scheduler != spec.scheduler.type:
         algorithms.check_scheduler(scheduler, n, where)
         spec = dataclasses.replace(spec, scheduler=dataclasses.replace(spec.scheduler, type=scheduler))
     return spec
+
+
+def _check_data_fractions(spec, args: SearchRequest) -> None:
+    """``scheduler.data_fractions`` against the final scheduler and epoch budget (the flags
+    --scheduler and --max-epochs may have changed both since the space was loaded)."""
+    from calotune.tuning.algorithms import check_data_fractions
+
+    s = spec.scheduler
+    if s.data_fractions:
+        flags = ", ".join(f for f, v in (("--scheduler", args.scheduler), ("--max-epochs", args.max_epochs)) if v)
+        check_data_fractions(s.data_fractions, s.type, s.grace_period, s.reduction_factor, spec.max_epochs,
+                             f"{spec.source}: scheduler.data_fractions" + (f" (with {flags})" if flags else ""))
 
 
 def _check_phases(spec, detector, where: str) -> None:
@@ -349,7 +404,26 @@ def _init_ray(address: str | None) -> None:
             ray.init(address="local", include_dashboard=False, logging_level=level,
                      log_to_driver=os.environ.get("CALOTUNE_RAY_LOGS") == "1")
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{flag} {address}: cannot connect to the Ray cluster ({exc})") from None
+        if address:
+            raise UserError(f"{flag} {address}: cannot connect to the Ray cluster ({exc})") from None
+        raise _local_ray_failed(exc) from None
+    except Exception as exc:  # Ray raises a bare Exception when its node does not come up in time
+        if address:
+            raise UserError(f"{flag} {address}: cannot connect to the Ray cluster ({_first_line(exc)})") from None
+        raise _local_ray_failed(exc) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _local_ray_failed(exc: BaseException):
+    from calotune.errors import ServiceError
+
+    return ServiceError(f"could not start a local Ray ({_first_line(exc)}); nothing was recorded. On an "
+                        f"overloaded machine Ray's processes can miss their start-up deadline: retry when "
+                        f"it is less busy, or start Ray yourself (ray start --head) and pass --address")
 
 
 def _check_resources(spec) -> None:
@@ -404,6 +478,7 @@ def trial_context(spec, detector, seed: int, parent=None):
     A search on a registered ``parent`` builds every trial on the parent's parameters,
     overridden by the space's fixed and sampled ones.
     """
+    from calotune.tuning.algorithms import epoch_fractions
     from calotune.tuning.worker import TrialContext
 
     return TrialContext(
@@ -412,6 +487,9 @@ def trial_context(spec, detector, seed: int, parent=None):
         max_epochs=spec.max_epochs, seed=seed,
         fixed={**(parent.params if parent else {}), **spec.fixed},
         train_phases=spec.train_phases, parent=parent.label if parent else None,
+        validation_events=spec.data.validation_events,
+        data_fractions=epoch_fractions(spec.scheduler.data_fractions, spec.scheduler.grace_period,
+                                       spec.scheduler.reduction_factor, spec.max_epochs),
     )
 
 
@@ -439,25 +517,20 @@ class _Interrupted(Exception):
 def _search(plan: Plan, t_start: float) -> int:
     import ray
 
-    from calotune.data.splits import split
-    from calotune.models.registry import config_fields
-    from calotune.spec import TrainerConfig
+    from calotune.data.splits import Splits, detach, empty_like, split
     from calotune.tracking.mlflow_tracker import Tracker
-    from calotune.tuning import lifecycle
+    from calotune.tuning import lifecycle, warmstart
     from calotune.tuning.lineage import PARENT_TAG
     from calotune.tuning.runner import MlflowTrialCallback, make_tuner
 
     spec, run_name, home = plan.spec, plan.name, plan.home
     experiment = spec.name
-    splits = split(plan.showers, spec.data.validation_fraction, spec.data.test_fraction, seed=plan.seed)
-    model_defaults = {name: f.default for name, f in config_fields(spec.family).items()
-                      if f.default is not dataclasses.MISSING}
-    # the trainer's own defaults too: a searched batch_size's baseline is TrainerConfig's, not
-    # the first listed choice
-    model_defaults.update(dataclasses.asdict(TrainerConfig()))
-    if plan.parent is not None:  # the baseline of a search on a registered model is that model
-        model_defaults.update(plan.parent.params)
-    baseline = spec.defaults({**model_defaults, **spec.fixed})
+    # in place: the read arrays are reordered into [train | validation | test] and the
+    # splits are views of them, so the driver holds one copy of the sample, not two
+    splits = split(plan.showers, spec.data.validation_fraction, spec.data.test_fraction, seed=plan.seed,
+                   in_place=True)
+    plan.showers = None
+    baseline = baseline_config(spec, plan.parent)
     lineage_tags = {PARENT_TAG: plan.parent.label} if plan.parent is not None else {}
     log.info("search %s: %s on %s, %d trials x %d epochs; data %s (%d train / %d validation / "
              "%d test events)", run_name, spec.family, spec.detector, spec.trials, spec.max_epochs,
@@ -473,6 +546,9 @@ def _search(plan: Plan, t_start: float) -> int:
             space_hash=_space_hash(spec), trials=spec.trials, max_epochs=spec.max_epochs, seed=plan.seed,
             data=str(plan.data_path), data_hash=plan.data_hash, resources=spec.resources.as_record(),
             sampler=spec.sampler.type, scheduler=spec.scheduler.type)
+        warm_params, warm_tags = warmstart.record(plan.warm) if plan.warm is not None else ({}, {})
+        # every search records its geometry's model name: a later warm start compares like with like
+        warm_params[warmstart.MODEL_PARAM] = warmstart.model_name(spec, plan.detector)
         if plan.resume:
             tracker.attach_search(run_name, reopen=True)
             log.info("resuming %s: %d interrupted trial run(s) will be continued", run_name,
@@ -481,21 +557,22 @@ def _search(plan: Plan, t_start: float) -> int:
             tracker.create_search(run_name, {
                 "space": spec.source, "family": spec.family, "detector": spec.detector,
                 "objectives": ",".join(f"{o.metric}:{o.mode}" for o in spec.objectives), **record,
-                **({PARENT_PARAM: plan.parent.label} if plan.parent is not None else {}),
-            }, {"calotune.data_hash": plan.data_hash, **lineage_tags})
+                **({PARENT_PARAM: plan.parent.label} if plan.parent is not None else {}), **warm_params,
+            }, {"calotune.data_hash": plan.data_hash, **lineage_tags, **warm_tags})
         tracker.set_tags(tracker.parent_run_id, {"calotune.state": "running"})
+        _record_study(tracker, plan)
         if isinstance(plan.storage, Path):
             plan.storage.mkdir(parents=True, exist_ok=True)
         lifecycle.record_latest(home, spec.name, run_name)
 
         ctx = trial_context(spec, plan.detector, plan.seed, plan.parent)
         # Put once, read by every trial on every node; the held-out split never leaves the driver.
-        data_ref = ray.put(dataclasses.replace(splits, test=splits.test.subset(slice(0, 0))))
-        # From here the object store holds train and validation; the driver keeps only the
-        # held-out split, instead of the read sample and the split copies beside the store.
-        plan.showers = None
-        splits = dataclasses.replace(splits, train=splits.train.subset(slice(0, 0)),
-                                     validation=splits.validation.subset(slice(0, 0)))
+        data_ref = ray.put(dataclasses.replace(splits, test=empty_like(splits.test)))
+        # From here the object store holds train and validation; the driver keeps only a copy
+        # of the held-out split. Every view of the read arrays is dropped (an empty slice is a
+        # view too, and would keep the whole sample alive), so their memory is freed.
+        splits = Splits(train=empty_like(splits.train), validation=empty_like(splits.validation),
+                        test=detach(splits.test))
         parent_ref = ray.put(plan.parent.files) if plan.parent is not None else None
         callback = MlflowTrialCallback(plan.uri, experiment, run_name, str(home / "artifacts"),
                                        spec.max_epochs, tuple(o.metric for o in spec.objectives),
@@ -513,7 +590,8 @@ def _search(plan: Plan, t_start: float) -> int:
                 spec=spec, ctx=ctx, data_ref=data_ref, parent_ref=parent_ref, baseline=baseline,
                 storage_path=plan.storage,
                 run_name=run_name, seed=plan.seed, trials=spec.trials, callback=callback,
-                max_concurrent=max_concurrent, resources=res, restore=plan.resume,
+                max_concurrent=max_concurrent, resources=res, restore=plan.resume, warm=plan.warm,
+                study_storage=plan.study_storage,
             )
             t_search = time.perf_counter()
             result_grid = tuner.fit()
@@ -638,6 +716,8 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
         "search_wall_s": search_s, "total_wall_s": total_s, "n_trials": len(outcomes),
         "n_failed": len(failed), f"best_validation_{metric}": float(best.metrics[metric]),
         f"best_test_{metric}": test_best[metric],
+        # the search's cost in trial-epoch-events: every event each trial trained on, per epoch
+        "trial_epoch_events": sum(int(o.metrics.get("train_events_total", 0)) for o in outcomes),
     }
     if test_base:
         summary[f"default_test_{metric}"] = test_base[metric]
@@ -676,9 +756,12 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
                    if plan.parent is not None else {}), **gain,
             })
             tracker.set_tags(tracker.parent_run_id, {"calotune.registered": f"{model_name}/{version}"})
+        summary.update(_log_search_summary(tracker, spec, plan, outcomes, runs, best, base, test_best,
+                                           test_base, front, model_name, version))
         tracker.set_tags(tracker.parent_run_id, {"calotune.state": "finished"})
         tracker.end_search("FINISHED", summary)
-    _print_summary(spec, best, base, test_best, test_base, version, model_name, plan, summary, outcomes)
+    _print_summary(spec, best, base, test_best, test_base, version, model_name, plan, summary, outcomes,
+                   experiment_id=tracker.experiment_id)
     return 0
 
 
@@ -699,7 +782,8 @@ def _log_front(tracker, runs, front, chosen, names, rule) -> None:
         for r in rows))
 
 
-def _print_summary(spec, best, base, test_best, test_base, version, model_name, plan, summary, outcomes):
+def _print_summary(spec, best, base, test_best, test_base, version, model_name, plan, summary, outcomes,
+                   experiment_id: str | None = None):
     from calotune.tuning.runner import result_state
 
     metric = spec.objective.metric
@@ -710,7 +794,8 @@ def _print_summary(spec, best, base, test_best, test_base, version, model_name, 
     lines = [
         "",
         f"== calotune search {plan.name}: {len(outcomes)} trials "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}) in {summary['search_wall_s']:.0f} s ==",
+        f"({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}) in {summary['search_wall_s']:.0f} s, "
+        f"{summary.get('trial_epoch_events', 0):,} trial-epoch-events ==",
         f"best trial {best.trial_id} ({best.epochs} epochs), parameters:",
         *[f"    {k} = {v}" for k, v in sorted(best.config.items())],
         f"held-out test {metric} ({spec.objective.mode}): best {test_best[metric]:.4f}"
@@ -724,4 +809,145 @@ def _print_summary(spec, best, base, test_best, test_base, version, model_name, 
     ui = (f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
           else f"open {uri} in a browser")
     lines.append(f"compare runs: {ui}   (experiment {spec.name!r})")
+    if experiment_id is not None:
+        # MLflow 3.17's UI shows the GenAI view unless asked (a global switch, kept per browser)
+        base_url = "http://127.0.0.1:5000" if uri.startswith("sqlite") else uri.rstrip("/")
+        lines.append(f"  then open {base_url}/#/experiments/{experiment_id}?{MLFLOW_UI_QUERY}")
+    if plan.study_storage is not None:
+        from calotune.tuning.studies import dashboard_command
+
+        lines.append(f"Optuna study {plan.name!r}: {dashboard_command(plan.study_storage)}")
+    lines.append(f"search dashboard: {_dashboard_hint(plan)}")
     log.info("\n".join(lines))
+
+
+# --- the Optuna study's storage, and the search run's summary --------------------------
+#: Query of MLflow UI links: the "Model training" view (3.17 opens on GenAI otherwise).
+MLFLOW_UI_QUERY = "workflowType=machine_learning"
+#: Tags of the search run that say where its Optuna study is and how to open it.
+TAG_STUDY, TAG_STUDY_STORAGE, TAG_OPTUNA_DASHBOARD = ("calotune.optuna_study", "calotune.optuna_storage",
+                                                      "calotune.optuna_dashboard")
+
+
+def _study_storage(args: SearchRequest, home: Path, uri: str) -> str | None:
+    """The database of a new search's Optuna study, checked (nothing written); None on resume,
+    whose searcher comes back from Ray Tune's snapshot with the study mirror it was made with."""
+    from calotune.tuning import studies
+
+    if args.resume is not None:
+        if args.study_storage is not None:
+            raise UserError("--study-storage: a resumed search keeps the Optuna study it started with "
+                            "(Ray Tune restores its searcher); drop the flag, or start a new search")
+        return None
+    if args.study_storage is None:
+        return studies.default_study_storage(home, uri)
+    studies.check_study_storage(args.study_storage)
+    return args.study_storage
+
+
+def _record_study(tracker, plan: Plan) -> None:
+    """Where the study is, as tags of the search run (a resumed search keeps its own)."""
+    from calotune.tracking.mlflow_tracker import redact
+    from calotune.tuning import studies
+
+    if plan.study_storage is None:  # resumed: the hints name the storage it started with
+        recorded = tracker.client.get_run(tracker.parent_run_id).data.tags.get(TAG_STUDY_STORAGE)
+        plan.study_storage = recorded  # (redacted; the restored searcher holds the real URI)
+        return
+    tracker.set_tags(tracker.parent_run_id, {
+        TAG_STUDY: plan.name, TAG_STUDY_STORAGE: redact(plan.study_storage),
+        TAG_OPTUNA_DASHBOARD: studies.dashboard_command(plan.study_storage)})
+
+
+def _dashboard_hint(plan: Plan) -> str:
+    """The command that opens calotune's own dashboard on this search's store."""
+    if plan.uri == f"sqlite:///{(plan.home / 'mlflow.db').resolve()}":
+        return f"python -m calotune.dashboard --home {plan.home}"
+    from calotune.tracking.mlflow_tracker import redact
+
+    return f"python -m calotune.dashboard --tracking-uri {redact(plan.uri)}"
+
+
+def _log_search_summary(tracker, spec, plan: Plan, outcomes, runs: dict[str, str], best, base,
+                        test_best: dict[str, float], test_base: dict[str, float] | None, front,
+                        model_name: str, version: str | None) -> dict[str, float]:
+    """The search run as the page to read first: the best trial, the baseline and the front
+    as tags and metrics, and a Markdown description (MLflow shows it at the top of the run)
+    with links to the trial runs, the registered version, the Optuna study and the dashboard.
+
+    Returns the extra metrics for the search run (counts, every held-out score of both)."""
+    import json as _json
+
+    from calotune.tuning.runner import result_state
+
+    states = {"complete": 0, "pruned": 0, "failed": 0}
+    for o in outcomes:
+        state = "failed" if o.error else result_state(o.metrics, spec.max_epochs)[0]
+        states[state] = states.get(state, 0) + 1
+    metrics: dict[str, float] = {f"n_{k}": float(v) for k, v in states.items()}
+    metrics.update({f"best_test_{k}": v for k, v in test_best.items()})
+    metrics.update({f"default_test_{k}": v for k, v in (test_base or {}).items()})
+    exp = tracker.experiment_id
+
+    def link(trial_id: str | None) -> str:
+        if trial_id is None:
+            return "n/a"
+        run = runs.get(trial_id)
+        return f"[{trial_id}](#/experiments/{exp}/runs/{run})" if run else trial_id
+
+    tags: dict[str, str] = {
+        "calotune.best_trial": best.trial_id, "calotune.best_run": runs.get(best.trial_id, ""),
+        "calotune.best_params": _json.dumps(best.config, sort_keys=True, default=str)[:4900],
+        "calotune.baseline_trial": base.trial_id if base is not None else "none",
+        "calotune.dashboard": _dashboard_hint(plan),
+    }
+    if base is not None and base.trial_id in runs:
+        tags["calotune.baseline_run"] = runs[base.trial_id]
+    if front:
+        tags["calotune.front"] = ",".join(t.trial_id for t in front)
+    tracker.log_params(tracker.parent_run_id, {f"best.{k}": v for k, v in best.config.items()})
+    metric, mode = spec.objective.metric, spec.objective.mode
+    # the objectives and the generation time; every other score is a metric of the run
+    # (best_test_* / default_test_*), and a long table would hide the links below it
+    rows = [o.metric for o in spec.objectives] + (["gen_time_ms"] if "gen_time_ms" in test_best else [])
+    rows = list(dict.fromkeys(rows))
+    lines = [
+        f"**{plan.name}**: {spec.family} on {spec.detector}, {len(outcomes)} trials "
+        f"({', '.join(f'{v} {k}' for k, v in states.items())}), objective `{metric}` ({mode}).",
+        "",
+        f"Best trial {link(best.trial_id)} against the baseline (default configuration) "
+        f"{link(base.trial_id if base is not None else None)}, on the held-out test split "
+        "(which the search never saw):",
+        "",
+        "| score | best | baseline |",
+        "|---|---|---|",
+        *[f"| {'**' + k + '**' if k == metric else k} | {test_best.get(k, float('nan')):.5g} | "
+          + (f"{test_base[k]:.5g}" if test_base and k in test_base else "n/a") + " |" for k in rows],
+        "",
+        "Every held-out score: metrics `best_test_*` and `default_test_*` of this run.",
+        "",
+        "Best parameters: " + ", ".join(f"`{k}={v}`" for k, v in sorted(best.config.items())),
+    ]
+    if front:
+        lines += ["", f"Pareto front ({len(front)} trials, artifact `pareto_front.json`): "
+                  + ", ".join(link(t.trial_id) for t in front)]
+    if version:
+        lines += ["", f"Registered: model `{model_name}` version {version}, alias `candidate`. Promote with "
+                  f"`python -m calotune.promote {model_name}`; the promotion writes a model card and links "
+                  f"it from the version (tag `calotune.model_card`)."]
+    if plan.study_storage is not None:
+        from calotune.tuning.studies import dashboard_command
+
+        lines += ["", f"Optuna study `{plan.name}`: `{dashboard_command(plan.study_storage)}`"]
+    lines += ["", f"Dashboard: `{_dashboard_hint(plan)}`"]
+    tags["mlflow.note.content"] = "\n".join(lines)
+    tracker.set_tags(tracker.parent_run_id, tags)
+    return metrics
+
+
+def _check_progress_env() -> None:
+    """A mistyped CALOTUNE_PROGRESS is refused before the search starts, naming the variable."""
+    value = os.environ.get("CALOTUNE_PROGRESS")
+    if value is not None and value.strip().lower() not in {"", "bar", "lines", "quiet"}:
+        raise UserError(f"CALOTUNE_PROGRESS={value!r} (from the environment): must be bar, lines or quiet; "
+                        f"fix or unset it")

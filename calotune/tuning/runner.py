@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
@@ -137,7 +138,24 @@ class FailAwareOptunaSearch(OptunaSearch):
     A result without the objective (an epoch of an unscoreable phase, e.g. a VQ-VAE's
     autoencoder stage before its prior is trained) is no intermediate value: Optuna's
     pruner and TPE see scoreable epochs only. Ray's OptunaSearch would raise KeyError.
+
+    ``warm_trials``: Optuna trials of earlier searches (:mod:`calotune.tuning.warmstart`),
+    added to the study as soon as it exists, so that TPE models the space from the first
+    trial it samples. Ray's ``evaluated_rewards`` cannot do this for a define-by-run space.
     """
+
+    def __init__(self, *args: Any, warm_trials: list | None = None, study_mirror: Any = None,
+                 **kwargs: Any) -> None:
+        self._warm_trials = list(warm_trials or [])  # read by _setup_study, called by super()
+        # studies.StudyMirror: each finished trial copied into a database study, for optuna-dashboard
+        self._study_mirror = study_mirror
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        if getattr(self, "_warm_trials", None):
+            self._ot_study.add_trials(self._warm_trials)
+            self._warm_trials = []  # in the study now (and pickled with it): never added twice
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if FAILED_KEY not in result and (not isinstance(self.metric, str) or self.metric in result):
@@ -150,6 +168,10 @@ class FailAwareOptunaSearch(OptunaSearch):
             return
         error = error or bool(result and FAILED_KEY in result)
         super().on_trial_complete(trial_id, None if error else result, error)
+        mirror = getattr(self, "_study_mirror", None)  # a searcher from an older snapshot has none
+        if mirror is not None and trial_id in self._ot_trials:
+            ot_trial = self._ot_trials[trial_id]
+            mirror.add(trial_id, self._ot_study._storage.get_trial(ot_trial._trial_id))
 
 
 class BaselineKeepingASHA(AsyncHyperBandScheduler):
@@ -162,6 +184,8 @@ class BaselineKeepingASHA(AsyncHyperBandScheduler):
     def __init__(self, baseline: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._baseline = baseline
+        #: trial id -> why it was stopped at a rung (read by :class:`StopReasonCallback`)
+        self.stopped: dict[str, dict[str, Any]] = {}
 
     def on_trial_result(self, tune_controller, trial, result):  # type: ignore[override]
         """CONTINUE for a result without the metric (an unscoreable epoch): it is never
@@ -170,10 +194,64 @@ class BaselineKeepingASHA(AsyncHyperBandScheduler):
         result reaches it); the check is repeated here so that it does not hang on that."""
         if self.metric not in result:
             return TrialScheduler.CONTINUE
+        judged = self._rung_of(trial.trial_id, result.get(self._time_attr))
         decision = super().on_trial_result(tune_controller, trial, result)
         if is_baseline(trial.config, self._baseline):
             return TrialScheduler.CONTINUE
+        if decision == TrialScheduler.STOP and judged is not None and result[self._time_attr] < self._max_t:
+            rung, epoch, cutoff, n = judged
+            value = float(result[self.metric])
+            if not hasattr(self, "stopped"):  # a scheduler pickled before stop reasons existed
+                self.stopped = {}
+            self.stopped[trial.trial_id] = {
+                "rung": rung, "epoch": epoch, "at_rung": n + 1,
+                "text": f"ASHA: below the top 1/{self._reduction_factor:g} at rung {rung} (epoch {epoch}): "
+                        f"{self.metric} {value:.4g}, cutoff {self._metric_op * cutoff:.4g} over the {n} "
+                        f"trial(s) there before it"}
         return decision
+
+    def _rung_of(self, trial_id: str, t: Any) -> tuple[int, int, float, int] | None:
+        """(rung index, its epoch, cutoff, trials recorded) of the rung a result at ``t`` is
+        judged at, read before the result is recorded there (Ray's bracket logic)."""
+        bracket = self._trial_info.get(trial_id)
+        if bracket is None or t is None:
+            return None
+        rungs = bracket._rungs  # highest milestone first
+        for i, (milestone, recorded) in enumerate(rungs):
+            if t < milestone or trial_id in recorded:
+                continue
+            cutoff = bracket.cutoff(recorded)
+            return (len(rungs) - 1 - i, int(milestone), float(cutoff), len(recorded)) if cutoff is not None else None
+        return None
+
+
+#: Result key of a trial a scheduler stopped at a rung; the value says why (MLflow tag
+#: ``calotune.pruned_reason``). Beside it, numbers (so also MLflow metrics of the trial):
+#: the rung (0 = the first, at grace_period epochs), its epoch, and for MO-ASHA how many
+#: trials at the rung dominate the stopped one.
+STOPPED_KEY = "calotune_stopped"
+
+
+class StopReasonCallback(Callback):
+    """Write why the scheduler stopped a trial into the result it stopped it on.
+
+    Tune hands the scheduler a copy of each result, so the scheduler only keeps its reason
+    (``scheduler.stopped``); Tune's callbacks then receive the result itself, which may be
+    changed in place and becomes the trial's last result. Listed before every other
+    callback, so the MLflow record, the progress log and the summary all see it.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        why = getattr(self.scheduler, "stopped", {}).get(trial.trial_id)
+        if why is not None and STOPPED_KEY not in result:
+            result[STOPPED_KEY] = why["text"]
+            result["stopped_at_rung"] = why["rung"]
+            result["stopped_at_epoch"] = why["epoch"]
+            if "dominated_by" in why:
+                result["stopped_dominated_by"] = why["dominated_by"]
 
 
 def is_baseline(config: dict[str, Any], baseline: dict[str, Any]) -> bool:
@@ -334,39 +412,253 @@ class MlflowTrialCallback(Callback):
         self.tracker.end_trial(trial_id, "failed", reason=text)
 
 
-class ProgressCallback(Callback):
-    """One log line per epoch result and per finished trial: a progress view that stays
-    readable in a terminal, a Slurm log or a CI transcript (Tune's tables are off)."""
+class ProgressState:
+    """What the progress view shows, from Tune's events alone (no terminal, no clock reads
+    in the logic, so it is tested in-process with fake trials).
 
-    def __init__(self, metric: str, mode: str, trials: int, max_epochs: int) -> None:
+    Counts trials running / complete / pruned / failed, the best objective so far against
+    the baseline (default-configuration) trial, and an estimate of the time left in the
+    budget: the epochs still owed by running and unstarted trials, at the mean epoch time
+    seen so far, spread over the concurrent trials. Pruning only ever shortens it, so it is
+    an upper estimate ("~N min left"). A resumed search counts the trials Tune restored as
+    finished (their results come with the trial list, not as new events).
+    """
+
+    def __init__(self, metric: str, mode: str, trials: int, max_epochs: int,
+                 baseline: dict[str, Any] | None = None, concurrency: int = 1) -> None:
         self.metric, self.mode, self.trials, self.max_epochs = metric, mode, trials, max_epochs
+        self.baseline = baseline
+        self.concurrency = max(1, concurrency)
+        self.states: dict[str, str] = {}  # trial id -> running / complete / pruned / failed
+        self.epochs: dict[str, int] = {}
         self.best: float | None = None
-        self.done = 0
+        self.best_trial: str | None = None
+        self.baseline_value: float | None = None
+        self._epoch_s = 0.0
+        self._epoch_n = 0
+
+    # ---- inputs -------------------------------------------------------------------
+    def seed(self, trials: list) -> None:
+        """Take in trials this view has not seen: on a resumed search, those Tune restored."""
+        for trial in trials:
+            if trial.trial_id in self.states:
+                continue
+            status = getattr(trial, "status", "PENDING")
+            last = dict(getattr(trial, "last_result", None) or {})
+            if status == "TERMINATED":
+                self.states[trial.trial_id] = result_state(last, self.max_epochs)[0]
+            elif status == "ERROR":
+                self.states[trial.trial_id] = "failed"
+            elif status in {"RUNNING", "PAUSED"}:
+                self.states[trial.trial_id] = "running"
+            else:
+                continue  # PENDING: not started, nothing to count yet
+            self.epochs[trial.trial_id] = int(last.get("training_iteration", 0) or 0)
+            if self.states[trial.trial_id] != "failed":
+                self._value(trial.trial_id, getattr(trial, "config", {}), last.get(self.metric))
+
+    def result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> float | None:
+        """An epoch's result; returns its objective value (None: unscored epoch or failure)."""
+        self.states[trial_id] = "running"
+        self.epochs[trial_id] = int(result.get("training_iteration", 0) or 0)
+        seconds = result.get("time_this_iter_s")
+        if isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0:
+            self._epoch_s += float(seconds)
+            self._epoch_n += 1
+        if FAILED_KEY in result or PRUNED_KEY in result:
+            return None
+        return self._value(trial_id, config, result.get(self.metric))
+
+    def end(self, trial_id: str, state: str) -> None:
+        """A trial ended: complete / pruned / failed."""
+        self.states[trial_id] = state
+
+    def _value(self, trial_id: str, config: dict[str, Any], value: Any) -> float | None:
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)):
+            return None
+        value = float(value)
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+            self.best, self.best_trial = value, trial_id
+        if self.baseline is not None and is_baseline(dict(config), self.baseline):
+            self.baseline_value = value
+        return value
+
+    # ---- outputs ------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(("running", "complete", "pruned", "failed"), 0)
+        for state in self.states.values():
+            out[state] = out.get(state, 0) + 1
+        return out
+
+    @property
+    def finished(self) -> int:
+        c = self.counts()
+        return c["complete"] + c["pruned"] + c["failed"]
+
+    def seconds_left(self) -> float | None:
+        """Estimated seconds until the budget is spent; None before the first timed epoch."""
+        if not self._epoch_n:
+            return None
+        owed = sum(max(0, self.max_epochs - self.epochs.get(t, 0))
+                   for t, s in self.states.items() if s == "running")
+        owed += max(0, self.trials - len(self.states)) * self.max_epochs
+        return owed * (self._epoch_s / self._epoch_n) / self.concurrency
+
+    def summary(self) -> str:
+        """``running 2 · complete 3 · pruned 1 · failed 0 · best 0.2310 (baseline 0.2860) · ~4 min left``"""
+        c = self.counts()
+        parts = [f"running {c['running']}", f"complete {c['complete']}", f"pruned {c['pruned']}",
+                 f"failed {c['failed']}"]
+        if self.best is not None:
+            base = f"{self.baseline_value:.4f}" if self.baseline_value is not None else "pending"
+            parts.append(f"best {self.metric} {self.best:.4f} (baseline {base})")
+        left = self.seconds_left()
+        if left is not None:
+            parts.append(f"~{_duration(left)} left")
+        return " · ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+#: Environment variable that forces the progress view: bar, lines or quiet (``--quiet`` sets
+#: it). An environment variable, not only a constructor argument, because a resumed search
+#: runs the callbacks Ray Tune unpickled from the original search, not new ones.
+PROGRESS_ENV = "CALOTUNE_PROGRESS"
+PROGRESS_MODES = ("bar", "lines", "quiet")
+
+
+def progress_mode(quiet: bool, stream: Any = None) -> str:
+    """"bar" on an interactive terminal; "lines" (one log line per epoch and per trial end)
+    when stdout or stderr is not a terminal (a batch log, CI); "quiet" (trial ends only)
+    when asked. A bar in a log file is a mess of carriage returns, hence the TTY test."""
+    forced = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if quiet or forced == "quiet":
+        return "quiet"
+    if forced in PROGRESS_MODES:
+        return forced
+    streams = [sys.stdout, stream or sys.stderr]
+    try:
+        interactive = all(s is not None and s.isatty() for s in streams)
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        interactive = False
+    return "bar" if interactive and os.environ.get("TERM") != "dumb" else "lines"
+
+
+class ProgressCallback(Callback):
+    """The search's progress in the terminal: a tqdm bar (trials finished of the budget)
+    whose status shows trials running / complete / pruned / failed, the best objective so
+    far against the baseline, and the time left; one line per finished trial above it.
+
+    Outside a terminal (a Slurm log, CI) it writes plain log lines instead, one per epoch
+    result and per finished trial, each starting ``[done/total done]``; ``quiet`` keeps
+    only the finished-trial lines. tqdm rather than rich: it is already installed with
+    Optuna and draws one line, which is all this view needs.
+    """
+
+    def __init__(self, metric: str, mode: str, trials: int, max_epochs: int, *,
+                 baseline: dict[str, Any] | None = None, concurrency: int = 1, quiet: bool = False,
+                 stream: Any = None) -> None:
+        self.state = ProgressState(metric, mode, trials, max_epochs, baseline, concurrency)
+        self.quiet = quiet
+        self.stream = stream
+        self._mode: str | None = None
+        self._bar: Any = None
+        self._redirect: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # Tune pickles its callbacks with the experiment
+        state["_bar"] = state["_redirect"] = None
+        state["_mode"] = None
+        state["stream"] = None
+        return state
+
+    @property
+    def mode(self) -> str:
+        if self._mode is None:
+            self._mode = progress_mode(self.quiet, self.stream)
+        return self._mode
+
+    # ---- output -------------------------------------------------------------------
+    def _prefix(self) -> str:
+        return f"[{self.state.finished}/{self.state.trials} done]"
+
+    def _refresh(self) -> None:
+        if self.mode != "bar":
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # log records go through tqdm.write while the bar is up, so lines never cut it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+            self._bar = tqdm(total=self.state.trials, unit="trial", desc="search", file=self.stream or sys.stderr,
+                             dynamic_ncols=True, leave=True, bar_format="{desc} {n_fmt}/{total_fmt} "
+                             "|{bar:12}| {elapsed} {postfix}")
+        self._bar.n = self.state.finished
+        self._bar.set_postfix_str(self.state.summary(), refresh=True)
+
+    def _line(self, level: int, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(f"{self._prefix()} {text}", file=self.stream or sys.stderr)
+        else:
+            log.log(level, "%s %s", self._prefix(), text)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.n = self.state.finished
+            self._bar.set_postfix_str(self.state.summary(), refresh=True)
+            self._bar.close()
+            self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+    # ---- Tune's events ------------------------------------------------------------
+    def on_step_begin(self, iteration, trials, **info):
+        self.state.seed(trials)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.state.seed(trials)
+        self.state.states.setdefault(trial.trial_id, "running")
+        self._refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.state.seed(trials)
+        value = self.state.result(trial.trial_id, dict(trial.config), result)
         if FAILED_KEY in result or PRUNED_KEY in result:
             return
-        value = result.get(self.metric)
-        if isinstance(value, int | float) and math.isfinite(value):
-            if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
-                self.best = value
-        log.info("[%d/%d done] %s epoch %s/%d %s=%.4f (search best %.4f)", self.done, self.trials,
-                 trial.trial_id, result.get("training_iteration"), self.max_epochs, self.metric,
-                 value if value is not None else math.nan, self.best if self.best is not None else math.nan)
+        if self.mode == "lines":
+            shown = f"{self.state.metric}={value:.4f}" if value is not None else "(unscored epoch)"
+            self._line(logging.INFO, f"{trial.trial_id} epoch {result.get('training_iteration')}/"
+                       f"{self.state.max_epochs} {shown} · {self.state.summary()}")
+        self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        state, reason = trial_state(trial, self.max_epochs)
+        state, reason = trial_state(trial, self.state.max_epochs)
+        self.state.end(trial.trial_id, state)
         epochs = (trial.last_result or {}).get("training_iteration", 0)
         text = {"complete": "complete",
                 "pruned": f"pruned: {reason}" if reason else f"stopped early at epoch {epochs}",
                 "failed": f"FAILED: {reason}"}[state]
-        log.info("[%d/%d done] %s %s", self.done, self.trials, trial.trial_id, text)
+        self._line(logging.WARNING if state == "failed" else logging.INFO, f"{trial.trial_id} {text}")
+        self._refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        log.warning("[%d/%d done] %s FAILED: %s", self.done, self.trials, trial.trial_id,
-                    error_text(trial).splitlines()[-1])
+        if STOP.is_set():  # died with the interrupted driver: no failure, no line
+            return
+        self.state.end(trial.trial_id, "failed")
+        self._line(logging.WARNING, f"{trial.trial_id} FAILED: {error_text(trial).splitlines()[-1]}")
+        self._refresh()
+
+    def on_experiment_end(self, trials, **info):
+        self._close()
 
 
 def result_state(last: dict[str, Any], max_epochs: int) -> tuple[str, str | None]:
@@ -378,6 +670,8 @@ def result_state(last: dict[str, Any], max_epochs: int) -> tuple[str, str | None
         return "failed", str(last[FAILED_KEY])
     if PRUNED_KEY in last:  # the family judged its own model meaningless (a collapse)
         return "pruned", str(last[PRUNED_KEY])
+    if STOPPED_KEY in last:  # a scheduler stopped it at a rung
+        return "pruned", str(last[STOPPED_KEY])
     epochs = int(last.get("training_iteration", 0))
     return ("complete" if epochs >= max_epochs else "pruned"), None
 
@@ -413,8 +707,18 @@ def make_tuner(
     resources: ResourceSpec,
     restore: bool,
     max_failures: int = 2,
+    warm: Any = None,
+    study_storage: str | None = None,
 ) -> tune.Tuner:
-    """A Tuner over ``spec`` (or a restored one when ``restore``)."""
+    """A Tuner over ``spec`` (or a restored one when ``restore``).
+
+    ``study_storage``: a database URI (:mod:`calotune.tuning.studies`) into which every
+    finished trial is copied, study ``run_name``, for ``optuna-dashboard``; None: no copy.
+    A restored Tuner keeps the mirror its searcher was pickled with.
+
+    ``warm``: a :class:`calotune.tuning.warmstart.WarmStart`: its configuration is the first
+    trial (before the baseline) and its earlier trials seed the Optuna study.
+    """
     import optuna
 
     if not logging.getLogger("calotune").isEnabledFor(logging.DEBUG):
@@ -442,14 +746,29 @@ def make_tuner(
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     multi = len(metrics) > 1
+    startup = spec.sampler.n_startup_trials
+    if startup is None and spec.sampler.type in algorithms.STARTUP_SAMPLERS:
+        startup = algorithms.default_startup_trials(spec.trials)
     sampler = algorithms.make_sampler(spec.sampler.type, seed, {"multivariate": spec.sampler.multivariate,
-                                                                "group": spec.sampler.group})
+                                                                "group": spec.sampler.group,
+                                                                "n_startup_trials": startup})
+    from calotune.tuning import warmstart
+
+    mirror = None
+    if study_storage is not None:
+        from calotune.tuning.studies import StudyMirror
+
+        mirror = StudyMirror(study_storage, run_name, ["minimize" if m == "min" else "maximize" for m in modes])
+        mirror.open()  # listed (empty) from the start; a database that cannot be opened fails here
     searcher = FailAwareOptunaSearch(
         space=spec.suggest, metric=metrics if multi else metrics[0],
-        mode=modes if multi else modes[0], points_to_evaluate=[baseline], sampler=sampler,
+        mode=modes if multi else modes[0], points_to_evaluate=warmstart.points_to_evaluate(warm, baseline),
+        sampler=sampler, warm_trials=warmstart.frozen_trials(spec, warm.trials) if warm is not None else None,
+        study_mirror=mirror,
     )
+    # several objectives: moasha or none (the spec and the --scheduler flag are checked)
     scheduler: TrialScheduler = algorithms.make_scheduler(
-        spec.scheduler.type if not multi else "none", metric=metrics[0], mode=modes[0], max_t=ctx.max_epochs,
+        spec.scheduler.type, metric=metrics, mode=modes, max_t=ctx.max_epochs,
         grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
         baseline=baseline)
     return tune.Tuner(
@@ -460,7 +779,9 @@ def make_tuner(
         ),
         run_config=tune.RunConfig(
             name=run_name, storage_path=str(storage_path),
-            callbacks=[callback, ProgressCallback(metrics[0], modes[0], trials, ctx.max_epochs),
+            callbacks=[StopReasonCallback(scheduler), callback,
+                       ProgressCallback(metrics[0], modes[0], trials, ctx.max_epochs,
+                                        baseline=baseline, concurrency=max_concurrent),
                        InterruptCallback()],
             # two, not one: a driver killed between deleting the older checkpoint and the next
             # experiment snapshot must still find the one that snapshot names.

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from calotune.artifacts import save_model
-from calotune.data.splits import Splits
+from calotune.data.splits import Splits, validation_subset
 from calotune.detectors import get_detector
 from calotune.models.base import (
     Batch,
@@ -63,6 +63,9 @@ class TrialContext:
     seed: int = 0
     fixed: dict[str, Any] = field(default_factory=dict)
     validation_batch: int = 1000
+    #: Most validation events generated and scored per epoch (a fixed random subset of a
+    #: larger validation split; ``calotune.spec.DEFAULT_VALIDATION_EVENTS`` says why).
+    validation_events: int | None = None
     grad_clip: float = 10.0
     #: A search on a registered model: None trains every phase from scratch; a tuple
     #: retrains only those phases on the parent's other parts; () trains nothing (a
@@ -70,6 +73,9 @@ class TrialContext:
     train_phases: tuple[str, ...] | None = None
     #: The registered parent ("name/version") of such a search, for the record.
     parent: str | None = None
+    #: Data size as a fidelity: the fraction of the training events each epoch trains on,
+    #: one per epoch (``calotune.tuning.algorithms.epoch_fractions``); None: all, always.
+    data_fractions: tuple[float, ...] | None = None
 
 
 # report(metrics, checkpoint_dir or None): forwards one epoch's result to Tune / Train.
@@ -85,6 +91,8 @@ def _world() -> tuple[int, int]:
 #: On a GPU, how many steps may pass between two reads of the device-side finiteness flag:
 #: each read is a host synchronisation, and a NaN trial loses at most this many steps.
 CHECK_EVERY_CUDA = 50
+#: The same on a CPU, where a read costs nothing (tests raise it to exercise the deferred path).
+CHECK_EVERY_CPU = 1
 
 
 class StepFn:
@@ -113,10 +121,11 @@ class StepFn:
         finite = torch.isfinite(loss.detach()).all()
         self._finite = finite if self._finite is None else self._finite & finite
         self._calls += 1
-        if loss.device.type != "cuda" or self._calls % CHECK_EVERY_CUDA == 0:
+        if self._calls % (CHECK_EVERY_CUDA if loss.device.type == "cuda" else CHECK_EVERY_CPU) == 0:
             self.check()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.autocast(loss.device.type, enabled=False):  # bf16 steps: backward in the forward's dtypes
+            loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.world_size > 1:
             for p in params:
@@ -143,6 +152,30 @@ class StepFn:
 def make_step_fn(world_size: int, grad_clip: float) -> StepFn:
     """The trainer's :class:`StepFn` for ``world_size`` ranks (kept for callers and tests)."""
     return StepFn(world_size, grad_clip)
+
+
+def trainer_config(ctx: TrialContext, params: dict[str, Any]) -> TrainerConfig:
+    """The trainer's settings of a trial: sampled over fixed over :class:`TrainerConfig`'s defaults."""
+    merged = {**{k: v for k, v in ctx.fixed.items() if k in TRAINER_PARAMS},
+              **{k: v for k, v in params.items() if k in TRAINER_PARAMS}}
+    if "batch_size" in merged:
+        merged["batch_size"] = int(merged["batch_size"])
+    if "compile" in merged:
+        merged["compile"] = bool(merged["compile"])
+    return TrainerConfig(**merged)
+
+
+def compile_submodules(model: torch.nn.Module) -> None:
+    """``torch.compile`` each direct sub-network in place (``nn.Module.compile``).
+
+    The family's ``train_step`` and ``sample`` are ordinary methods that call its
+    sub-networks, so compiling those, not a wrapper around the model, is what speeds up
+    a step; compiling in place keeps the state_dict keys, so checkpoints and saved
+    models are the same as without it.
+    """
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            child.compile()
 
 
 def _all_reduce_mean_flat(grads: list[torch.Tensor], world_size: int) -> None:
@@ -227,7 +260,8 @@ def _train(
     detector = get_detector(ctx.detector, **ctx.geometry)
     model_params = {**{k: v for k, v in ctx.fixed.items() if k not in TRAINER_PARAMS},
                     **{k: v for k, v in params.items() if k not in TRAINER_PARAMS}}
-    batch_size = int(params.get("batch_size", ctx.fixed.get("batch_size", TrainerConfig().batch_size)))
+    trainer = trainer_config(ctx, params)
+    batch_size = trainer.batch_size
     model = build_model(ctx.family, model_params, detector).to(device)
     schedule = trial_schedule(model, ctx)
     state: dict[str, Any] | None = None
@@ -247,6 +281,8 @@ def _train(
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
     optimizers = model.make_optimizers()
+    if trainer.compile:
+        compile_submodules(model)
     step = make_step_fn(world_size, ctx.grad_clip)
     base_ctx = TrainContext(step=step, all_reduce_mean=_all_reduce_mean(world_size), rank=rank,
                             world_size=world_size, device=device)
@@ -254,7 +290,7 @@ def _train(
     multi = len(ctx.objectives) > 1
     sign = 1.0 if mode == "min" else -1.0
 
-    start_epoch, best, global_step = 0, math.inf, 0
+    start_epoch, best, global_step, events_total = 0, math.inf, 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
         for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
@@ -262,6 +298,7 @@ def _train(
         model.load_training_state(state.get("family", {}))
         start_epoch, best = int(state["epoch"]), float(state["best"])
         global_step = int(state.get("global_step", 0))
+        events_total = int(state.get("events_total", 0))
         rng = state.get("rng", [])
         if len(rng) == world_size:
             _set_rng_state(rng[rank], np_rng, device)
@@ -269,7 +306,6 @@ def _train(
             log.warning("checkpoint from %d rank(s), now %d: random streams restart", len(rng), world_size)
         log.info("resuming at epoch %d (best %s=%.5g)", start_epoch, metric, sign * best)
 
-    shard = np.arange(len(data.train))[rank::world_size]  # indices only: the data stays shared
     # The best model so far lives here between epochs and is copied into every checkpoint,
     # so the latest checkpoint always carries both the resumable state and the best model.
     with tempfile.TemporaryDirectory(prefix="calotune-best-") as keep:
@@ -281,14 +317,25 @@ def _train(
             inject_fault(model, params, epoch + 1)
             epoch_ctx = dataclasses.replace(base_ctx, epoch=epoch, phase=phase.name, phase_epoch=phase_epoch)
             sums: dict[str, float] = {}
-            n_batches, train_s = 0, 0.0
+            n_batches, train_s, n_events = 0, 0.0, 0
             if phase is not SAMPLING_ONLY:
+                # indices only: the data stays shared
+                shard = epoch_shard(epoch_events(epoch, ctx.data_fractions, len(data.train), world_size),
+                                    len(data.train), ctx.seed, rank, world_size)
                 order = shard[np_rng.permutation(len(shard))]
                 sums, n_batches, train_s = _train_epoch(model, optimizers, epoch_ctx, data.train, order,
-                                                        batch_size, global_step)
+                                                        batch_size, global_step, precision=trainer.precision)
+                n_events = world_size * min(len(order), n_batches * batch_size)  # a short tail batch is skipped
             global_step += n_batches
+            events_total += n_events
             metrics: dict[str, Any] = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
             metrics["epoch_time_s"] = train_s
+            # the search's budget in trial-epoch-events (summed over trials by the search); a
+            # sampling-only trial trains on nothing and reports no train_ metric at all
+            if phase is not SAMPLING_ONLY:
+                metrics["train_events"], metrics["train_events_total"] = n_events, events_total
+            if ctx.data_fractions:
+                metrics["train_data_fraction"] = float(ctx.data_fractions[epoch])
             health = model.epoch_metrics(epoch_ctx)
             metrics.update({f"{HEALTH_PREFIX}{k}": float(v) for k, v in health.items()})
             scores: dict[str, float] | None = None
@@ -324,7 +371,8 @@ def _train(
                                 "optimizers": [o.state_dict() for o in optimizers],
                                 "family": model.training_state(),
                                 "rng": rng_states,
-                                "epoch": epoch + 1, "global_step": global_step, "best": best},
+                                "epoch": epoch + 1, "global_step": global_step, "best": best,
+                                "events_total": events_total},
                                checkpoint_dir / TRAIN_STATE)
                     if best_dir.is_dir():
                         shutil.copytree(best_dir, checkpoint_dir / BEST_DIR)
@@ -358,6 +406,42 @@ def phase_schedule(phases: tuple[Phase, ...], train_phases: tuple[str, ...] | No
     return allocate_epochs([p for p in phases if p.name in train_phases], max_epochs)
 
 
+#: Seeds the one permutation of the training split that data fractions take prefixes of.
+FIDELITY_STREAM = 0x0DA7A
+
+
+def epoch_events(epoch: int, data_fractions: tuple[float, ...] | None, n_train: int, world_size: int = 1) -> int:
+    """How many training events epoch ``epoch`` (0-based) trains on, over all ranks.
+
+    All of them without data fractions (or at fraction 1). Otherwise the epoch's fraction,
+    rounded down to a multiple of the ranks (equal shards give every rank the same number
+    of batches, so no rank waits alone in a gradient all-reduce), and at least one per rank.
+    """
+    if not data_fractions or data_fractions[epoch] >= 1.0:
+        return n_train
+    n = int(data_fractions[epoch] * n_train)
+    return min(n_train, max(world_size, n - n % world_size))
+
+
+def epoch_shard(n_events: int, n_train: int, seed: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's indices into the training split for an epoch on ``n_events`` of its events.
+
+    All events: every ``world_size``-th, as without data fractions. Fewer: the first
+    ``n_events`` of one permutation of the split seeded by the search's seed alone, so the
+    subset is the same for every trial, on every rank and after a resume, and nested (a
+    smaller fraction's events are among a larger one's); a prefix of the split itself could
+    be biased where a file is ordered (by energy, say). The ranks then deal it out as they
+    deal the whole split; the epoch's shuffle comes after, from each rank's generator.
+    """
+    if n_events >= n_train:
+        # Every rank must take the same number of batches, or one waits forever in the
+        # gradient all-reduce: a split that does not divide by the ranks is padded by
+        # wrapping round to its first events (as torch's DistributedSampler does).
+        return np.resize(np.arange(n_train), n_train + (-n_train) % world_size)[rank::world_size]
+    chosen = np.random.default_rng([seed, FIDELITY_STREAM]).permutation(n_train)[:n_events]
+    return np.sort(chosen)[rank::world_size]
+
+
 #: Suffix of every validation score made at a family's reduced sampling cost.
 FAST_SUFFIX = "_fast"
 
@@ -375,7 +459,11 @@ def _validate(model: GenerativeModel, detector: Any, data: Splits, ctx: TrialCon
     split after the search is always scored at full cost, under the plain names.
     """
     kwargs = model.validation_sample_kwargs()
-    conditions = data.validation.conditions
+    # the same fixed subset every epoch and trial (seeded by the search's seed)
+    reference = validation_subset(data.validation, ctx.validation_events, ctx.seed)
+    if epoch == 0 and rank == 0:
+        log.info("validation sample: %d of %d validation events", len(reference), len(data.validation))
+    conditions = reference.conditions
     n = len(conditions["energy"])
     lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
     mine = {k: v[lo:hi] for k, v in conditions.items()}
@@ -388,7 +476,7 @@ def _validate(model: GenerativeModel, detector: Any, data: Splits, ctx: TrialCon
     if rank != 0:
         return None
     generated = concat_samples([s for s, _ in pieces if s is not None])
-    scores = dict(detector.scores(data.validation, generated))
+    scores = dict(detector.scores(reference, generated))
     scores["gen_time_ms"] = 1e3 * sum(s for _, s in pieces) / max(n, 1)
     if not kwargs:
         return scores
@@ -461,7 +549,7 @@ def _to_device(arrays: dict[str, dict[str, np.ndarray]], device: torch.device,
 
 def _train_epoch(model: GenerativeModel, optimizers: list[torch.optim.Optimizer], ctx: TrainContext,
                  train_set: Any, order: np.ndarray, batch_size: int,
-                 global_step: int) -> tuple[dict[str, float], int, float]:
+                 global_step: int, *, precision: str = "fp32") -> tuple[dict[str, float], int, float]:
     """One pass over this rank's shard; loss sums, batch count, seconds.
 
     Batches are gathered from host memory (``train_set.batch_arrays``) one at a time and
@@ -488,8 +576,9 @@ def _train_epoch(model: GenerativeModel, optimizers: list[torch.optim.Optimizer]
                 for t in group.values():
                     t.record_stream(torch.cuda.current_stream(device))
         upcoming = load(starts[j + 1]) if j + 1 < len(starts) else None
-        losses = model.train_step(batch, optimizers,
-                                  dataclasses.replace(ctx, global_step=global_step + j))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            losses = model.train_step(batch, optimizers,
+                                      dataclasses.replace(ctx, global_step=global_step + j))
         for k, v in losses.items():  # floats, or tensors summed on the device (no sync)
             v = v.detach() if isinstance(v, torch.Tensor) else v
             sums[k] = sums[k] + v if k in sums else v

@@ -10,6 +10,7 @@ from calotune.detectors.base import Detector
 from calotune.detectors.cepc import evaluation, plots, synthesis
 from calotune.detectors.cepc.geometry import CEPCGeometry
 from calotune.detectors.cepc.io import CONDITION_KEYS, CEPCFiles
+from calotune.detectors.hepstyle import hep_style
 from calotune.errors import UserError
 from calotune.pointclouds import PointCloudSet
 
@@ -64,4 +65,5 @@ class CEPCECal(CEPCFiles, Detector):
         return evaluation.cepc_scores(reference, generated, self.geometry)
 
     def plot(self, reference: PointCloudSet, generated: PointCloudSet, out_dir: Path) -> list[Path]:
-        return plots.plot_cepc(reference, generated, self.geometry, Path(out_dir))
+        with hep_style():  # mplhep's ROOT style, as every detector's plots
+            return plots.plot_cepc(reference, generated, self.geometry, Path(out_dir))

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from calotune.detectors.base import Detector
+from calotune.detectors.hepstyle import hep_style
 from calotune.detectors.hgcal import evaluation, geometry, plots, synthesis
 from calotune.detectors.hgcal.geometry import HGCalGeometry
 from calotune.detectors.hgcal.io import CONDITION_KEYS, HGCalFiles
@@ -92,4 +93,5 @@ class HGCal(HGCalFiles, Detector):
         return evaluation.hgcal_scores(reference, generated, self.geometry)
 
     def plot(self, reference: PointCloudSet, generated: PointCloudSet, out_dir: Path) -> list[Path]:  # type: ignore[override]
-        return plots.plot_hgcal(reference, generated, self.geometry, Path(out_dir))
+        with hep_style():  # mplhep's ROOT style, as every detector's plots
+            return plots.plot_hgcal(reference, generated, self.geometry, Path(out_dir))

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from calotune.detectors.hepstyle import hep_label, hep_style
 from calotune.detectors.zdc.evaluation import (
     PROFILE_FEATURE,
     _compare,
@@ -46,7 +47,7 @@ def _draw_hist(
         counts = histogram(values, edges, overflow=True)
         fraction = counts / max(counts.sum(), 1.0)
         ax.stairs(fraction, edges, label=label, color=colour, linewidth=1.5)
-    ax.set_title("edge bins include under/overflow", fontsize="small")
+    hep_label(ax, "edge bins: under/overflow")
     ax.set_xlabel(_LABELS[name])
     ax.set_ylabel("fraction of events")
     ax.legend(fontsize="small")
@@ -63,18 +64,22 @@ def plot_zdc(
     """Reference-vs-generated PNGs of the features :func:`zdc_scores` scores.
 
     Uses matplotlib's object-oriented ``Figure`` (rendered by Agg) rather than pyplot, so
-    it needs no display, never switches a caller's global backend, keeps nothing in
-    pyplot's figure registry and is safe in Ray worker threads. Matplotlib is imported here
-    so that importing calotune stays cheap.
+    it needs no display, never switches a caller's global backend and keeps nothing in
+    pyplot's figure registry; drawn in the HEP style of mplhep (:func:`hep_style`).
+    Matplotlib is imported here so that importing calotune stays cheap.
 
     Returns:
         The written files, in ``out_dir`` (created if missing): zdc_hcal_energy_scale.png,
         zdc_hcal_fraction.png, zdc_ecal_energy_scale.png, zdc_total_energy_scale.png,
         zdc_longitudinal_profile.png, zdc_centre_width.png.
     """
+    with hep_style():
+        return _plot_zdc(reference, generated, geometry, Path(out_dir), n_bins)
+
+
+def _plot_zdc(reference: ShowerSet, generated: ShowerSet, geometry: Any, out_dir: Path, n_bins: int) -> list[Path]:
     from matplotlib.figure import Figure
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ref = zdc_features(reference, geometry)
     gen = zdc_features(generated, geometry)
@@ -105,6 +110,7 @@ def plot_zdc(
     ):
         profile = np.array([_finite_mean(layers[:, k]) for k in range(layers.shape[1])])
         ax.stairs(profile, z_edges, label=label, color=colour, linewidth=1.5)
+    hep_label(ax, "longitudinal profile")
     ax.set_xlabel("HCAL depth Z [mm]")
     ax.set_ylabel("mean energy per layer [MeV]")
     ax.legend(fontsize="small")
