@@ -11,6 +11,7 @@ from calotune.detectors.atlas_regular import evaluation, geometry, plots, synthe
 from calotune.detectors.atlas_regular.geometry import AtlasRegularGeometry
 from calotune.detectors.atlas_regular.io import AtlasRegularFiles
 from calotune.detectors.calochallenge.detector import CaloChallenge
+from calotune.detectors.hepstyle import hep_style
 from calotune.showers import ShowerSet
 
 __all__ = ["AtlasRegular", "atlas_regular"]
@@ -63,7 +64,8 @@ class AtlasRegular(AtlasRegularFiles, CaloChallenge):
         return result.objectives()
 
     def plot(self, reference: ShowerSet, generated: ShowerSet, out_dir: Path) -> list[Path]:
-        return plots.plot_detector(self.binning, reference, generated, Path(out_dir))
+        with hep_style():  # mplhep's ROOT style, as every detector's plots
+            return plots.plot_detector(self.binning, reference, generated, Path(out_dir))
 
 
 def atlas_regular(**overrides: Any) -> AtlasRegular:

@@ -18,6 +18,7 @@ from calotune.detectors.calochallenge.geometry import (
     CaloChallengeGeometry,
 )
 from calotune.detectors.calochallenge.io import CaloChallengeFiles
+from calotune.detectors.hepstyle import hep_style
 from calotune.metrics.hlf import Binning
 from calotune.showers import ShowerSet
 
@@ -89,7 +90,8 @@ class CaloChallenge(CaloChallengeFiles, Detector):
         return result.objectives()
 
     def plot(self, reference: ShowerSet, generated: ShowerSet, out_dir: Path) -> list[Path]:
-        return plots.plot_detector(self.binning, reference, generated, Path(out_dir))
+        with hep_style():  # mplhep's ROOT style, as every detector's plots
+            return plots.plot_detector(self.binning, reference, generated, Path(out_dir))
 
 
 def _build(base: CaloChallengeGeometry, overrides: dict[str, Any]) -> CaloChallenge:

@@ -100,19 +100,19 @@ def plot_comparison(
     def save(fig: Figure, name: str) -> None:
         FigureCanvasAgg(fig)
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=80, bbox_inches="tight")  # nothing of a label cut off
         paths.append(path)
 
     fig = Figure(figsize=(5, 4))
     ax = fig.add_subplot()
     _draw(ax, reference.etot_einc, generated.etot_einc, bins["etot_einc"][0], False,
-          "E_tot / E_inc", (sep.get("etot_einc") or [None])[0])
-    ax.set_xlabel("E_tot / E_inc")
+          r"$E_\mathrm{tot}/E_\mathrm{inc}$", (sep.get("etot_einc") or [None])[0])
+    ax.set_xlabel(r"$E_\mathrm{tot}/E_\mathrm{inc}$")
     ax.legend(fontsize=7)
     save(fig, "etot_einc")
 
     labels = {
-        "e_layer": "log10 E_layer [MeV]", "ec_eta": "EC eta [mm]", "ec_phi": "EC phi [mm]",
+        "e_layer": r"$\log_{10} E_\mathrm{layer}$ [MeV]", "ec_eta": "EC eta [mm]", "ec_phi": "EC phi [mm]",
         "ec_r": "EC r [mm]", "width_eta": "width eta [mm]", "width_phi": "width phi [mm]",
         "width_r": "width r [mm]", "sparsity": "sparsity",
     }
