@@ -181,3 +181,24 @@ def test_n_startup_trials_is_checked_and_kept_by_the_space(tmp_path) -> None:
         with pytest.raises(UserError) as info:
             load_spec(str(bad))
         assert "sampler" in str(info.value) and words in str(info.value)
+
+
+def test_trials_stopped_early_are_pruned_in_optuna_as_in_mlflow() -> None:
+    """A trial a scheduler stopped at a rung is "pruned" in MLflow and the summary; Optuna
+    must say the same (Ray's OptunaSearch would call it COMPLETE with its early score), and
+    keep its intermediate value so TPE can still rank it."""
+    import optuna
+
+    from calotune.tuning.runner import FAILED_KEY, STOPPED_KEY, FailAwareOptunaSearch
+
+    searcher = FailAwareOptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)},
+                                     metric="loss", mode="min", seed=0)
+    for trial_id in ("stopped", "finished", "failed"):
+        searcher.suggest(trial_id)
+        searcher.on_trial_result(trial_id, {"loss": 0.5, "training_iteration": 1})
+    searcher.on_trial_complete("stopped", {"loss": 0.5, "training_iteration": 1, STOPPED_KEY: "ASHA: below"})
+    searcher.on_trial_complete("finished", {"loss": 0.4, "training_iteration": 2})
+    searcher.on_trial_complete("failed", {"loss": 0.4, FAILED_KEY: "non-finite loss"})
+    trials = searcher._ot_study.trials
+    assert [t.state.name for t in trials] == ["PRUNED", "COMPLETE", "FAIL"]
+    assert trials[0].intermediate_values == {1: 0.5} and trials[1].value == 0.4

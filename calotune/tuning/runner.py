@@ -167,6 +167,11 @@ class FailAwareOptunaSearch(OptunaSearch):
             # trial open; the record says "interrupted" and the budget stays resumable.
             return
         error = error or bool(result and FAILED_KEY in result)
+        if not error and result and (STOPPED_KEY in result or PRUNED_KEY in result):
+            # Stopped at a rung or judged meaningless by its family: PRUNED in Optuna, as in
+            # MLflow and the summary (Ray tells PRUNED for a trial that ends without a
+            # value); its intermediate values still rank it for TPE, below finished trials.
+            result = None
         super().on_trial_complete(trial_id, None if error else result, error)
         mirror = getattr(self, "_study_mirror", None)  # a searcher from an older snapshot has none
         if mirror is not None and trial_id in self._ot_trials:
