@@ -164,6 +164,8 @@ def parse_seeds(text: str) -> list[int]:
             seeds.extend(range(int(a), int(b) + 1))
         elif part:
             seeds.append(int(part))
+    if not seeds:
+        raise SystemExit(f"--seeds {text!r}: give a list (0,1,2) or a range (0-4)")
     return seeds
 
 

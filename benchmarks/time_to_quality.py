@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synthetic_hpo import parse_seeds  # one rule for --seeds (this folder is on sys.path)
+
 log = logging.getLogger("bench.ttq")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,21 +223,6 @@ def aggregate(results: dict[str, dict[int, SearchResult]], mode: str,
 
 
 # --- running -------------------------------------------------------------------------------
-def parse_seeds(text: str) -> list[int]:
-    """``0,1,2`` or ``0-4``."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            seeds.extend(range(int(a), int(b) + 1))
-        elif part:
-            seeds.append(int(part))
-    if not seeds:
-        raise SystemExit(f"--seeds {text!r}: give a list (0,1,2) or a range (0-4)")
-    return seeds
-
-
 def interleaved(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     """Seed by seed, every arm once, the arm order rotated by one each seed."""
     order = []
