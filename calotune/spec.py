@@ -190,7 +190,8 @@ class SamplerSpec:
     group: bool = True
     n_startup_trials: int | None = None
     """tpe, gp, cmaes: random trials before the sampler models the results (warm-start
-    trials count); None: :func:`calotune.tuning.algorithms.default_startup_trials`."""
+    trials count); None: Optuna's default (10 for TPE and GP, 1 for CMA-ES). A third of
+    the budget was tried as the default and did worse at 10 trials (benchmarks/README.md)."""
 
 
 @dataclass(frozen=True)

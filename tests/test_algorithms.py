@@ -159,13 +159,9 @@ def test_every_scheduler_runs_a_real_search(tiny, scheduler: str) -> None:
             assert r.metrics["train_events_total"] == (64 if epochs == 1 else 192)
 
 
-@pytest.mark.parametrize(("trials", "expected"), [(4, 3), (10, 3), (14, 4), (30, 10), (200, 10)])
-def test_model_based_samplers_start_from_a_third_of_a_small_budget(trials: int, expected: int) -> None:
-    """Optuna's fixed 10 random start-up trials made TPE equal to random search for most of
-    a 10-30 trial search; the default is a third of the budget, 3 to 10."""
-    assert algorithms.default_startup_trials(trials) == expected
-    sampler = algorithms.make_sampler("tpe", 0, {"n_startup_trials": expected})
-    assert sampler._n_startup_trials == expected
+def test_n_startup_trials_reaches_the_sampler_and_defaults_to_optunas() -> None:
+    assert algorithms.make_sampler("tpe", 0, {"n_startup_trials": 4})._n_startup_trials == 4
+    assert algorithms.make_sampler("tpe", 0, {"n_startup_trials": None})._n_startup_trials == 10
 
 
 def test_n_startup_trials_is_checked_and_kept_by_the_space(tmp_path) -> None:

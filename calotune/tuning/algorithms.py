@@ -54,17 +54,6 @@ RUNG_SCHEDULERS = ("asha", "moasha")
 STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")
 
 
-def default_startup_trials(trials: int) -> int:
-    """Random trials before a model-based sampler takes over: a third of the budget, 3 to 10.
-
-    Optuna's fixed 10 suits budgets of hundreds; at calotune's 10-30 trials per search it
-    made TPE pick the same configurations as random search for most of the budget (the
-    time-to-quality benchmark's TPE and random arms coincided at 10 trials). TPE needs a
-    few points per quantile to split them (Bergstra et al. 2011, NeurIPS), hence at least 3.
-    """
-    return max(3, min(10, trials // 3))
-
-
 def default_sampler(n_objectives: int) -> str:
     """TPE for one objective, NSGA-II for several (what calotune always used)."""
     return "tpe" if n_objectives == 1 else "nsga2"

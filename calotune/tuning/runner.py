@@ -751,12 +751,9 @@ def make_tuner(
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     multi = len(metrics) > 1
-    startup = spec.sampler.n_startup_trials
-    if startup is None and spec.sampler.type in algorithms.STARTUP_SAMPLERS:
-        startup = algorithms.default_startup_trials(spec.trials)
     sampler = algorithms.make_sampler(spec.sampler.type, seed, {"multivariate": spec.sampler.multivariate,
                                                                 "group": spec.sampler.group,
-                                                                "n_startup_trials": startup})
+                                                                "n_startup_trials": spec.sampler.n_startup_trials})
     from calotune.tuning import warmstart
 
     mirror = None
