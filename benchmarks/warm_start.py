@@ -98,20 +98,13 @@ def main() -> int:
     uri = f"sqlite:///{args.home.resolve() / 'mlflow.db'}"
     walls: dict[str, float] = {}
 
-    def production() -> bool:
+    def has_alias(alias: str) -> bool:
+        """Whether the store exists and the model has a version under ``alias``."""
         if not (args.home / "mlflow.db").exists():
             return False
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         try:
-            client.get_model_version_by_alias(args.model, "production")
-            return True
-        except Exception:
-            return False
-
-    def candidate() -> bool:
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        try:
-            client.get_model_version_by_alias(args.model, "candidate")
+            client.get_model_version_by_alias(args.model, alias)
             return True
         except Exception:
             return False
@@ -120,8 +113,8 @@ def main() -> int:
     logs.mkdir(exist_ok=True)
     if args.report_only:
         pass
-    elif not production():
-        if not ((args.home / "mlflow.db").exists() and candidate()):
+    elif not has_alias("production"):
+        if not has_alias("candidate"):
             walls["reference"] = run(["calotune.search", args.space, "--seed", str(args.reference_seed),
                                       "--home", home], log_dir=logs)[0]
         run(["calotune.promote", args.model, "--home", home], log_dir=logs)
