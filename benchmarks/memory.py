@@ -12,6 +12,18 @@ The object store holds the train and validation splits: 70 % of the sample.
 measured under the same load. The file is deleted at the end unless ``--keep``.
 
     .venv/bin/python benchmarks/memory.py --gib 4 --before /tmp/calotune-head --json memory.json
+
+``--scoring`` measures instead the step after a search (``orchestrate._finish``) on a
+held-out test split of ``--gib`` GiB (full-geometry ZDC, float32, in memory): two saved
+models (the best and the default trial) generated, scored and plotted against it, once
+the old way (``score_model``: each generated sample whole, both held until the plots;
+"whole") and once streamed (``score_model_streamed``: batches of 1000 reduced to per-event
+summaries, the reference summarised once; "streamed"). Each variant runs in its own
+process; reported: the step's peak resident memory above what the process held before it
+(the kernel's VmHWM, reset through /proc/self/clear_refs), tracemalloc's peak of the step
+(numpy's allocations; torch's are not traced) and the scores, which must agree.
+
+    .venv/bin/python benchmarks/memory.py --scoring --gib 1 --json memory-scoring.json
 """
 
 from __future__ import annotations
@@ -210,6 +222,133 @@ def run_search(data: Path, tree: Path | None, workdir: Path, train_events: int) 
                                     key=lambda r: -r["peak_private_gib"])[:3]}
 
 
+#: The scoring benchmark's two models: zdc_swiglu as small as SPACE's trials (memory does not
+#: depend on their quality; generating 65 000 events must take seconds, not minutes).
+SCORING_PARAMS: dict[str, Any] = {"hidden_width": 8, "critic_width": 8, "low_rank": 2, "n_layers": 1,
+                                  "noise_dim": 4}
+
+
+def _vm(key: str) -> int:
+    """This process's /proc/self/status ``key`` in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reference(gib: float, chunk: int = 4096):
+    """A full-geometry ZDC test split of about ``gib`` GiB in memory (two synthetic chunks
+    repeated, each copy scaled a little, as :func:`build_file` writes them)."""
+    from calotune.detectors import get_detector
+    from calotune.showers import ShowerSet
+
+    detector = get_detector("zdc")
+    row = 4 * (len(detector.conditions) + sum(detector.part_sizes.values()))
+    n = int(gib * 2**30 // row) + 1
+    chunks = [detector.synthesize(chunk, seed=s) for s in (1, 2)]
+    cells = {k: np.empty((n, w), np.float32) for k, w in detector.part_sizes.items()}
+    conditions = {k: np.empty(n, np.float32) for k in detector.conditions}
+    for i, lo in enumerate(range(0, n, chunk)):
+        hi, src = min(n, lo + chunk), chunks[i % 2]
+        for k in cells:
+            np.multiply(src.cells[k][: hi - lo], np.float32(1 + 1e-3 * i), out=cells[k][lo:hi])
+        for k in conditions:
+            conditions[k][lo:hi] = src.conditions[k][: hi - lo]
+    return detector, ShowerSet(conditions=conditions, cells=cells)
+
+
+def scoring_child(variant: str, gib: float, workdir: Path) -> dict[str, Any]:
+    """One variant of the scoring step in this process (see the module docstring)."""
+    import gc
+    import tracemalloc
+
+    import torch
+
+    from calotune.artifacts import save_model
+    from calotune.models.registry import build_model
+    from calotune.sampling import score_model, score_model_streamed
+
+    torch.set_num_threads(1)
+    detector, reference = _reference(gib)
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model("zdc_swiglu", SCORING_PARAMS, detector)
+        dirs.append(save_model(workdir / f"model-{variant}-{seed}", model, family="zdc_swiglu", detector=detector,
+                               params=SCORING_PARAMS))
+    del model
+    gc.collect()
+    base_kib = _vm("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    scores = []
+    if variant == "whole":
+        generated = []
+        for d in dirs:
+            s, g = score_model(d, reference, 0)
+            scores.append(s)
+            generated.append(g)
+        for i, g in enumerate(generated):
+            detector.plot(reference, g, workdir / f"plots-{variant}-{i}")
+    else:
+        summary = detector.summarise(reference)
+        generated = []
+        for d in dirs:
+            s, g = score_model_streamed(d, reference, 0, reference_summary=summary)
+            scores.append(s)
+            generated.append(g)
+        summary = summary.for_plots()
+        for i, g in enumerate(generated):
+            detector.plot(summary, g, workdir / f"plots-{variant}-{i}")
+    wall = time.perf_counter() - t0
+    _, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    gib_ = 2**30
+    return {
+        "variant": variant, "events": len(reference),
+        "reference_gib": round(sum(v.nbytes for v in reference.cells.values()) / gib_, 3),
+        "rss_before_step_gib": round(base_kib / 2**20, 3),
+        "step_peak_rss_above_before_gib": round((_vm("VmHWM") - base_kib) / 2**20, 3) if hwm_reset else None,
+        "process_peak_rss_gib": round(_vm("VmHWM") / 2**20, 3),
+        "step_tracemalloc_peak_gib": round(traced_peak / gib_, 3),
+        "step_wall_s": round(wall, 1),
+        "mean_separation": [s["mean_separation"] for s in scores],
+        "gen_time_ms": [round(s["gen_time_ms"], 4) for s in scores],
+    }
+
+
+def run_scoring(gib: float, repeats: int, workdir: Path) -> dict[str, Any]:
+    """Both variants, each in a fresh process, ``repeats`` rounds interleaved."""
+    runs: dict[str, list[dict[str, Any]]] = {"streamed": [], "whole": []}
+    for r in range(repeats):
+        for variant in runs:
+            log.info("round %d: scoring %s", r + 1, variant)
+            out = subprocess.run([sys.executable, __file__, "--scoring-child", variant, "--gib", str(gib),
+                                  "--workdir", str(workdir)], capture_output=True, text=True, cwd=ROOT)
+            if out.returncode != 0:
+                raise RuntimeError(f"scoring child {variant} failed:\n{out.stderr[-4000:]}")
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            log.info("%s", json.dumps(runs[variant][-1]))
+    same = all(_close(a["mean_separation"], b["mean_separation"])
+               for a, b in zip(runs["streamed"], runs["whole"], strict=True))
+    summary = {v: {k: statistics.median(r[k] for r in rs) for k in
+                   ("step_peak_rss_above_before_gib", "process_peak_rss_gib", "step_tracemalloc_peak_gib",
+                    "step_wall_s") if all(r[k] is not None for r in rs)}
+               for v, rs in runs.items()}
+    return {"gib": gib, "runs": runs, "summary": summary, "scores_agree": same}
+
+
+def _close(a: list[float], b: list[float], rel: float = 1e-9) -> bool:
+    """Equal within ``rel`` (float summation order), element by element."""
+    return len(a) == len(b) and all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-300) for x, y in zip(a, b, strict=True))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=4.0, help="sample size as float32 (default 4)")
@@ -219,9 +358,26 @@ def main() -> int:
                         help="events each trial trains on per epoch (see SITECUSTOMIZE; default 2048)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the data file and logs")
+    parser.add_argument("--scoring", action="store_true",
+                        help="measure the held-out scoring step instead, on a test split of --gib GiB")
+    parser.add_argument("--scoring-child", choices=("whole", "streamed"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.scoring_child:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(scoring_child(args.scoring_child, args.gib, args.workdir)))
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="calotune-membench-", dir="/tmp"))
+    if args.scoring:
+        try:
+            text = json.dumps(run_scoring(args.gib, args.repeats, workdir), indent=2)
+            print(text)
+            if args.json:
+                args.json.write_text(text)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     data = workdir / "zdc-big.h5"
     results: dict[str, Any] = {"gib": args.gib, "train_events_per_epoch": args.train_events,
                                "runs": {"after": []}}

@@ -219,7 +219,7 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
     """Everything from reading ``production`` to moving it happens under the lock, so two
     promotions at once are serialised and the second compares against the first's result."""
     from calotune.detectors import get_detector
-    from calotune.sampling import score_model
+    from calotune.sampling import score_model_streamed
     from calotune.tracking import registry
     from calotune.tracking.mlflow_tracker import user
 
@@ -275,8 +275,14 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
     reference = held_out(candidate, detector, args.data, args.independent_data)
     if prod_dir is not None:
         _check_fair_for_production(production, reference)
-    cand_scores, cand_gen = score_model(cand_dir, reference.showers, args.seed)
-    prod_scores, prod_gen = score_model(prod_dir, reference.showers, args.seed) if prod_dir else (None, None)
+    # Streamed: generated batches are reduced to per-event summaries at once, and the held-out
+    # reference is summarised once for both models and both model-card plots.
+    ref_summary = detector.summarise(reference.showers)
+    cand_scores, cand_gen = score_model_streamed(cand_dir, reference.showers, args.seed,
+                                                 reference_summary=ref_summary)
+    prod_scores, prod_gen = (score_model_streamed(prod_dir, reference.showers, args.seed,
+                                                  reference_summary=ref_summary) if prod_dir else (None, None))
+    ref_summary = ref_summary.for_plots()  # the cell-sized score inputs are no longer needed
     cand_score = cand_scores[objective]
     prod_score = prod_scores[objective] if prod_scores is not None else None
     if production is None:
@@ -293,7 +299,8 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
              ("not scored (artifacts missing)" if production else "n/a"))
     promoted = better or args.force
     card = _card(args, name, detector, candidate, production, reference, objective, mode, kind, promoted,
-                 (cand_scores, cand_gen), (prod_scores, prod_gen), prod_dir is not None, tmp / "card")
+                 (cand_scores, cand_gen), (prod_scores, prod_gen), prod_dir is not None, tmp / "card",
+                 ref_summary)
     if not promoted:
         log.info("not promoted: the candidate is not better (use --force to override)")
         _publish_card(uri, name, candidate.version, card)
@@ -316,7 +323,7 @@ def _promote_locked(args: argparse.Namespace, uri: str, name: str, tmp: Path) ->
 
 def _card(args: argparse.Namespace, name: str, detector, candidate, production, reference: Reference,
           objective: str, mode: str, kind: str, promoted: bool, cand: tuple, prod: tuple, prod_scored: bool,
-          out: Path) -> Path | None:
+          out: Path, ref_summary: Any = None) -> Path | None:
     """Write the model card of this decision into ``out``; None (and a warning) if it fails:
     the card documents a decision, it must never block or undo one."""
     from calotune import modelcard
@@ -324,6 +331,8 @@ def _card(args: argparse.Namespace, name: str, detector, candidate, production, 
 
     try:
         floor, halves = modelcard.reference_floor(detector, reference.showers, args.seed)
+        # the plots take the reference's summary (made once for the scores) or the sample
+        plot_ref = ref_summary if ref_summary is not None else reference.showers
         (cand_scores, cand_gen), (prod_scores, prod_gen) = cand, prod
         cs, ps = f"{cand_scores[objective]:.5g}", (f"{prod_scores[objective]:.5g}" if prod_scores else "")
         floor_text = f"; the reference-vs-reference floor is {floor[objective]:.5g}" if objective in floor else ""
@@ -354,11 +363,11 @@ def _card(args: argparse.Namespace, name: str, detector, candidate, production, 
             model=name, detector=detector.name, objective=objective, mode=mode,
             decision="promoted" if promoted else "not promoted", kind=kind, reason=reason,
             candidate=modelcard.Side("candidate", candidate.version, dict(candidate.tags), cand_scores, n,
-                                     modelcard.plot_side(detector, reference.showers, cand_gen, out / "plots-c")),
+                                     modelcard.plot_side(detector, plot_ref, cand_gen, out / "plots-c")),
             production=modelcard.Side(
                 "production", production.version if production else None,
                 dict(production.tags) if production else {}, prod_scores, n if prod_scores else 0,
-                modelcard.plot_side(detector, reference.showers, prod_gen, out / "plots-p") if prod_scores else {},
+                modelcard.plot_side(detector, plot_ref, prod_gen, out / "plots-p") if prod_scores else {},
                 note="" if production is None or prod_scored else "not scored: its artifacts are missing"),
             floor=floor, objectives={**detector.objectives(), "gen_time_ms": "min"},  # score_model adds it
             reference_path=str(reference.path),

@@ -1,7 +1,14 @@
-"""Generate showers from a model for given conditions, in batches, timed."""
+"""Generate showers from a model for given conditions, in batches, timed; and score them.
+
+:func:`score_model` generates the whole sample and scores it; :func:`score_model_streamed`
+(what the search's test scores and promotion use) reduces each generated batch to the
+detector's per-event :class:`~calotune.detectors.base.Summary` at once, so it never holds
+the generated sample, and takes the reference's summary, computed once, for every model.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Union
@@ -13,7 +20,14 @@ from calotune.models.base import POINTS_OUTPUT, GenerativeModel
 from calotune.showers import ShowerSet
 
 if TYPE_CHECKING:
+    from calotune.detectors.base import Detector, Summary
     from calotune.pointclouds import PointCloudSet
+
+log = logging.getLogger("calotune.sampling")
+
+#: Events generated, summarised and dropped at a time by :func:`score_streamed`: the batch
+#: size :func:`generate` samples with, so the showers (and the scores) are the same.
+SCORE_CHUNK_EVENTS = 1000
 
 #: A generated sample: cells on a grid, or hits of a point cloud.
 Sample = Union[ShowerSet, "PointCloudSet"]
@@ -108,8 +122,9 @@ def generate(
 def score_model(model_dir, reference: Sample, seed: int = 0) -> tuple[dict[str, float], Sample]:
     """Generate for ``reference``'s conditions and score against it (plus gen_time_ms).
 
-    The one place where "how good is this saved model on this sample" is computed, so the
-    search summary and promotion compare models the same way.
+    Holds the whole generated sample (returned, for plots or files). The search summary
+    and promotion use :func:`score_model_streamed`, which gives the same scores without
+    holding it; both score through ``detector.scores``, so models are compared the same way.
     """
     from calotune.artifacts import load_model
 
@@ -118,3 +133,77 @@ def score_model(model_dir, reference: Sample, seed: int = 0) -> tuple[dict[str, 
     scores = detector.scores(reference, generated)
     scores["gen_time_ms"] = ms
     return scores, generated
+
+
+def score_streamed(
+    model: GenerativeModel,
+    detector: Detector,
+    reference: Sample,
+    *,
+    seed: int = 0,
+    chunk_events: int = SCORE_CHUNK_EVENTS,
+    reference_summary: Summary | None = None,
+    device: str | torch.device = "cpu",
+    sample_kwargs: dict[str, Any] | None = None,
+) -> tuple[dict[str, float], Summary]:
+    """Scores of ``model`` on ``reference``'s conditions, generated and summarised
+    ``chunk_events`` at a time, and the generated sample's summary (for plots).
+
+    The showers are those of ``generate(model, reference.conditions, batch_size=chunk_events,
+    seed=seed)`` (one generator through all batches), each reduced to
+    ``detector.summarise`` before the next is made: memory holds one batch of cells and
+    the per-event summaries, not the generated sample, and the scores are those of
+    ``detector.scores(reference, generated)`` on that sample (``tests/test_streamed_scoring.py``).
+    ``reference_summary`` (``detector.summarise(reference)``) lets several models share one;
+    one made by another geometry is not used (a warning, and the reference is summarised
+    again). ``gen_time_ms`` is added with :func:`generate`'s meaning: sampling time per
+    shower at this batch size. The returned summary has its cell-sized score inputs
+    dropped (:meth:`~calotune.detectors.base.Summary.for_plots`).
+
+    Raises:
+        ValueError: for an empty reference or ``chunk_events`` < 1.
+    """
+    from calotune.detectors.base import SummaryBuilder
+
+    n = len(reference)
+    if n == 0:
+        raise ValueError("score_streamed needs a non-empty reference sample")
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be at least 1, got {chunk_events}")
+    if reference_summary is not None and reference_summary.meta.get("detector") != detector.summary_key:
+        log.warning("the reference summary was made by another detector geometry than the model's "
+                    "(%s); summarising the reference again", detector.name)
+        reference_summary = None
+    if reference_summary is None:
+        reference_summary = detector.summarise(reference)
+    conditions = reference.conditions
+    batches = ({k: v[lo : lo + chunk_events] for k, v in conditions.items()} for lo in range(0, n, chunk_events))
+    builder = SummaryBuilder(n)
+    elapsed = 0.0
+    for showers, seconds in generate_batches(model, batches, seed=seed, device=device, sample_kwargs=sample_kwargs):
+        elapsed += seconds
+        builder.add(detector.summarise(showers))
+        del showers  # the batch's cells go before the next batch is sampled
+    generated = builder.result()
+    scores = detector.scores_from(reference_summary, generated)
+    scores["gen_time_ms"] = 1e3 * elapsed / n
+    return scores, generated.for_plots()
+
+
+def score_model_streamed(
+    model_dir,
+    reference: Sample,
+    seed: int = 0,
+    *,
+    chunk_events: int = SCORE_CHUNK_EVENTS,
+    reference_summary: Summary | None = None,
+) -> tuple[dict[str, float], Summary]:
+    """:func:`score_model` streamed (:func:`score_streamed`): the same scores for the default
+    ``chunk_events`` (the batch size :func:`generate` uses), the generated sample's summary
+    instead of the sample. Pass ``reference_summary`` (``detector.summarise(reference)``)
+    to score several models against one reference without summarising it again."""
+    from calotune.artifacts import load_model
+
+    model, detector, _ = load_model(model_dir)
+    return score_streamed(model, detector, reference, seed=seed, chunk_events=chunk_events,
+                          reference_summary=reference_summary)

@@ -2,7 +2,7 @@
 
 mplhep's ROOT style (ticks inside on all four sides, minor ticks, TeX Gyre Heros fonts,
 step histograms) with the font scaled to the small figures calotune writes (mplhep's sizes
-are for 10 x 10 inch figures), and the experiment label ("calotune Simulation").
+are for 10 x 10 inch figures), and the experiment label ("calotune Simulation", as mplhep draws it).
 """
 
 from __future__ import annotations
@@ -40,10 +40,16 @@ def hep_style(font_size: float = 13.0) -> Iterator[None]:
 
 
 def hep_label(ax: Any, right: str = "") -> None:
-    """"calotune Simulation" (data=False) above the axes' left corner and ``right`` above its right corner."""
-    try:
-        import mplhep
-    except ImportError:
-        ax.set_title(right, fontsize="small", loc="right")
-        return
-    mplhep.label.exp_label(exp="calotune", text="", data=False, rlabel=right, loc=0, ax=ax, fontsize="small")
+    """"calotune Simulation" above the axes' left corner and ``right`` above its right corner.
+
+    The layout of mplhep's ``exp_label`` (bold name, italic "Simulation", text on the right),
+    placed here with plain ``ax.text``/``ax.annotate``: mplhep measures its texts with a
+    full draw of the figure per label (0.2 s each, 3.5 s of a tiny search's 18 s), while an
+    annotation anchored to the name's box is placed once, when the figure is saved.
+    """
+    name = ax.text(0.0, 1.01, "calotune", transform=ax.transAxes, ha="left", va="bottom",
+                   fontsize="small", fontweight="bold")
+    ax.annotate(" Simulation", xy=(1.0, 0.0), xycoords=name, ha="left", va="bottom",
+                fontsize="small", fontstyle="italic")
+    if right:
+        ax.text(1.0, 1.01, right, transform=ax.transAxes, ha="right", va="bottom", fontsize="small")

@@ -700,10 +700,11 @@ class Tracker:
         run_id = self._trial_runs.get(trial_id)
         if run_id is None:
             return
-        self.client.set_tag(run_id, TAG_STATE, state)
+        tags = {TAG_STATE: state}
         if reason:  # a family's own pruning (TrialPruned) says why, as a failure does
             key = "calotune.pruned_reason" if state == "pruned" else "calotune.failure_reason"
-            self.client.set_tag(run_id, key, reason[:4900])
+            tags[key] = reason[:4900]
+        self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, status=_STATUS[state])
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -724,8 +725,12 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+        """All of ``tags`` in one write (one transaction on a SQL store, one request to a server)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):  # MLflow's limit per batch
+            self.client.log_batch(run_id, tags=items[i : i + 100])
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)

@@ -10,6 +10,7 @@ import numpy as np
 from calotune.detectors.atlas_regular import evaluation, geometry, plots, synthesis
 from calotune.detectors.atlas_regular.geometry import AtlasRegularGeometry
 from calotune.detectors.atlas_regular.io import AtlasRegularFiles
+from calotune.detectors.base import Summary
 from calotune.detectors.calochallenge.detector import CaloChallenge
 from calotune.detectors.hepstyle import hep_style
 from calotune.showers import ShowerSet
@@ -57,15 +58,18 @@ class AtlasRegular(AtlasRegularFiles, CaloChallenge):
     def default_objective(self) -> tuple[str, str]:
         return evaluation.default_objective()
 
-    def scores(self, reference: ShowerSet, generated: ShowerSet) -> dict[str, float]:
+    # summarise, scores_from and plot_from: CaloChallenge's (the CaloChallenge search scores,
+    # fast classifier, sample-size-adapted FPD/KPD, on this binning), through the same
+    # evaluation and plots modules this package re-exports.
+    def scores_from(self, reference: Summary, generated: Summary) -> dict[str, float]:
         """The CaloChallenge search scores (fast classifier, sample-size-adapted FPD/KPD)."""
-        result = evaluation.compare(self.binning, reference, generated, classifier="fast",
-                                    official_distances=False)
+        result = evaluation.compare_summaries(self.binning, reference, generated, classifier="fast",
+                                              official_distances=False)
         return result.objectives()
 
-    def plot(self, reference: ShowerSet, generated: ShowerSet, out_dir: Path) -> list[Path]:
+    def plot_from(self, reference: Summary, generated: Summary, out_dir: Path) -> list[Path]:
         with hep_style():  # mplhep's ROOT style, as every detector's plots
-            return plots.plot_detector(self.binning, reference, generated, Path(out_dir))
+            return plots.plot_summaries(self.binning, reference, generated, Path(out_dir))
 
 
 def atlas_regular(**overrides: Any) -> AtlasRegular:

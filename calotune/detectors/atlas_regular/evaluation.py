@@ -9,7 +9,9 @@ from calotune.detectors.calochallenge.evaluation import (
     OBJECTIVES,
     Comparison,
     compare,
+    compare_summaries,
     default_objective,
+    summarise,
 )
 
-__all__ = ["OBJECTIVES", "Comparison", "compare", "default_objective"]
+__all__ = ["OBJECTIVES", "Comparison", "compare", "compare_summaries", "default_objective", "summarise"]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from calotune.detectors.calochallenge.plots import plot_detector
+from calotune.detectors.calochallenge.plots import plot_detector, plot_summaries
 
-__all__ = ["plot_detector"]
+__all__ = ["plot_detector", "plot_summaries"]

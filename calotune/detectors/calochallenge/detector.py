@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from calotune.detectors.base import Detector
+from calotune.detectors.base import Detector, Summary
 from calotune.detectors.calochallenge import evaluation, geometry, plots, synthesis
 from calotune.detectors.calochallenge.geometry import (
     _DS1_PHOTONS,
@@ -80,18 +80,25 @@ class CaloChallenge(CaloChallengeFiles, Detector):
     def default_objective(self) -> tuple[str, str]:
         return evaluation.default_objective()
 
-    def scores(self, reference: ShowerSet, generated: ShowerSet) -> dict[str, float]:
+    def summarise(self, showers: ShowerSet) -> Summary:
+        """HLF and the voxel spectrum's values per event, plus the low-level classifier's
+        inputs ([log10 E_inc, voxels / E_inc], float32, marked heavy): the fast classifier
+        trains on every event's voxels, so this one score keeps a cell-sized array per
+        sample (:mod:`.evaluation`); :meth:`Summary.for_plots` drops it."""
+        return evaluation.summarise(self.binning, showers, meta={"detector": self.summary_key})
+
+    def scores_from(self, reference: Summary, generated: Summary) -> dict[str, float]:
         """All :meth:`objectives` with the fast classifier (seconds, not minutes, per
         call). Sample sizes are whatever the caller passes; FPD/KPD adapt their bootstrap
         sizes to them (``adaptive`` in :func:`calotune.metrics.fpd_kpd.fpd`), which keeps a
         search fast but is not the published setting: ``calotune.evaluate`` uses that."""
-        result = evaluation.compare(self.binning, reference, generated, classifier="fast",
-                                    official_distances=False)
+        result = evaluation.compare_summaries(self.binning, reference, generated, classifier="fast",
+                                              official_distances=False)
         return result.objectives()
 
-    def plot(self, reference: ShowerSet, generated: ShowerSet, out_dir: Path) -> list[Path]:
+    def plot_from(self, reference: Summary, generated: Summary, out_dir: Path) -> list[Path]:
         with hep_style():  # mplhep's ROOT style, as every detector's plots
-            return plots.plot_detector(self.binning, reference, generated, Path(out_dir))
+            return plots.plot_summaries(self.binning, reference, generated, Path(out_dir))
 
 
 def _build(base: CaloChallengeGeometry, overrides: dict[str, Any]) -> CaloChallenge:

@@ -1,6 +1,15 @@
 """CaloChallenge scores: separation powers, FPD / KPD and the classifier test, with the
 official arithmetic (arXiv 2410.21611; separation power arXiv 2009.03796 eq. 15; FPD/KPD
-arXiv 2211.10295), and the layer-correlation comparison against Geant4."""
+arXiv 2211.10295), and the layer-correlation comparison against Geant4.
+
+Every number is computed from a :class:`~calotune.detectors.base.Summary` of each sample
+(:func:`summarise`): the high-level features per event, the voxel-energy spectrum's values
+and, for the low-level classifier only, its inputs ``[log10 E_inc, voxels / E_inc]`` per
+event. Those inputs are the one part that is as large as the cells: the classifier trains
+on every event's voxels (arXiv 2410.21611), so a streamed score keeps them, (N, n_voxels
++ 1) float32 per sample, about the size of the sample itself (ds3: 162 kB an event), and
+drops them before plotting (:meth:`Summary.for_plots`). Everything else is a few kB an event.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from calotune.detectors.base import Summary
 from calotune.metrics.classifier import (
     ClassifierConfig,
     ClassifierResult,
@@ -31,13 +41,26 @@ from calotune.metrics.hlf import (
 from calotune.showers import ShowerSet
 
 __all__ = [
+    "HLF_FIELDS",
+    "LOW_LEVEL",
     "OBJECTIVES",
     "Comparison",
     "compare",
+    "compare_summaries",
     "default_objective",
+    "hlf_of",
     "layer_correlation",
     "mean_offdiagonal_difference",
+    "summarise",
 ]
+
+#: The per-event arrays of :class:`HighLevelFeatures`, kept under these names in a Summary.
+HLF_FIELDS: tuple[str, ...] = ("e_inc", "e_tot", "e_layer", "sparsity", "ec_eta", "ec_phi",
+                               "width_eta", "width_phi", "ec_r", "width_r")
+#: Summary.events name of the low-level classifier inputs (cell-sized, "heavy").
+LOW_LEVEL = "low_level_inputs"
+#: Summary.pooled name of the voxel energies at or above threshold (the spectrum's values).
+VOXEL_ENERGY = "voxel_energy"
 
 #: Scores for searches, all minimised (see :meth:`CaloChallenge.objectives`).
 OBJECTIVES: tuple[str, ...] = (
@@ -94,6 +117,35 @@ class Comparison:
         }
 
 
+def summarise(binning: Binning, showers: ShowerSet, *, low_level: bool = True,
+              meta: dict[str, Any] | None = None) -> Summary:
+    """What :func:`compare_summaries` needs of a sample, event by event.
+
+    HLF (:func:`~calotune.metrics.hlf.compute_hlf`, per event), the voxel energies at or
+    above threshold (:func:`~calotune.metrics.hlf.voxel_spectrum_values`, in event order)
+    and, if ``low_level``, the low-level classifier inputs (per event, marked heavy). All
+    are computed row by row, so the summaries of a sample's batches concatenate into the
+    whole sample's, bit for bit.
+    """
+    x, e = showers.cells["showers"], showers.conditions["energy"]
+    hlf = compute_hlf(x, e, binning)
+    events = {name: getattr(hlf, name) for name in HLF_FIELDS}
+    if low_level:
+        events[LOW_LEVEL] = low_level_inputs(x, e, binning.threshold_mev)
+    return Summary(
+        len(hlf), events, {VOXEL_ENERGY: voxel_spectrum_values(x, binning.threshold_mev)},
+        meta={"layer_ids": hlf.layer_ids, "alpha_layer_ids": hlf.alpha_layer_ids, **(meta or {})},
+        heavy=frozenset({LOW_LEVEL}) if low_level else frozenset(),
+    )
+
+
+def hlf_of(summary: Summary) -> HighLevelFeatures:
+    """The :class:`HighLevelFeatures` held by a summary (views, no copy)."""
+    return HighLevelFeatures(**{name: summary.events[name] for name in HLF_FIELDS},
+                             layer_ids=tuple(summary.meta["layer_ids"]),
+                             alpha_layer_ids=tuple(summary.meta["alpha_layer_ids"]))
+
+
 def compare(
     binning: Binning,
     reference: ShowerSet,
@@ -123,14 +175,45 @@ def compare(
     for quick search scores;
     ``device`` is where the classifier trains ("cuda" for the challenge setting on ds2/3).
     """
-    ref_x = reference.cells["showers"]
-    gen_x = generated.cells["showers"]
-    ref_e, gen_e = reference.conditions["energy"], generated.conditions["energy"]
-    ref_hlf = compute_hlf(ref_x, ref_e, binning) if reference_hlf is None else reference_hlf
-    gen_hlf = compute_hlf(gen_x, gen_e, binning) if generated_hlf is None else generated_hlf
+    need_low = classifier is not None and "low" in classifier_inputs
+
+    def summary(sample: ShowerSet, hlf: HighLevelFeatures | None) -> Summary:
+        if hlf is None:
+            return summarise(binning, sample, low_level=need_low)
+        x, e = sample.cells["showers"], sample.conditions["energy"]
+        events = {name: getattr(hlf, name) for name in HLF_FIELDS}
+        if need_low:
+            events[LOW_LEVEL] = low_level_inputs(x, e, binning.threshold_mev)
+        return Summary(len(hlf), events, {VOXEL_ENERGY: voxel_spectrum_values(x, binning.threshold_mev)},
+                       meta={"layer_ids": hlf.layer_ids, "alpha_layer_ids": hlf.alpha_layer_ids})
+
+    return compare_summaries(
+        binning, summary(reference, reference_hlf), summary(generated, generated_hlf), bins=bins,
+        classifier=classifier, classifier_inputs=classifier_inputs, distances=distances,
+        fpd_draws=fpd_draws, seed=seed, device=device, official_distances=official_distances)
+
+
+def compare_summaries(
+    binning: Binning,
+    reference: Summary,
+    generated: Summary,
+    *,
+    bins: dict[str, list[np.ndarray]] | None = None,
+    classifier: str | ClassifierConfig | None = "fast",
+    classifier_inputs: Sequence[str] = ("low", "high"),
+    distances: bool = True,
+    fpd_draws: int = 20,
+    seed: int = 0,
+    device: str = "cpu",
+    official_distances: bool = True,
+) -> Comparison:
+    """:func:`compare` from the two samples' :func:`summarise` (same options, same numbers).
+
+    The low-level classifier needs both summaries made with ``low_level=True``.
+    """
+    ref_hlf, gen_hlf = hlf_of(reference), hlf_of(generated)
     thr = binning.threshold_mev
-    ref_vox = voxel_spectrum_values(ref_x, thr)
-    gen_vox = voxel_spectrum_values(gen_x, thr)
+    ref_vox, gen_vox = reference.pooled[VOXEL_ENERGY], generated.pooled[VOXEL_ENERGY]
     if bins is None:
         bins = challenge_bins(binning, ref_hlf, float(ref_vox.max(initial=thr)))
     separation = separation_powers(ref_hlf, gen_hlf, bins, ref_vox, gen_vox,
@@ -148,8 +231,12 @@ def compare(
         cfg = get_config(classifier)
         for kind in classifier_inputs:
             if kind == "low":
-                a = low_level_inputs(ref_x, ref_e, thr)
-                b = low_level_inputs(gen_x, gen_e, thr)
+                missing = [name for name, sm in (("reference", reference), ("generated", generated))
+                           if LOW_LEVEL not in sm.events]
+                if missing:
+                    raise ValueError(f"the low-level classifier needs the {' and '.join(missing)} "
+                                     f"summary made with summarise(..., low_level=True)")
+                a, b = reference.events[LOW_LEVEL], generated.events[LOW_LEVEL]
                 # voxels / E_inc are already scale-free; per-voxel z-scores would blow
                 # up the noise of nearly empty voxels (see calotune.metrics.classifier)
                 results[kind] = classifier_test(a, b, cfg, seed=seed, standardize=False,

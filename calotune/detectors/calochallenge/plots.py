@@ -9,18 +9,22 @@ from typing import Any
 
 import numpy as np
 
-from calotune.detectors.calochallenge.evaluation import mean_offdiagonal_difference
+from calotune.detectors.base import Summary
+from calotune.detectors.calochallenge.evaluation import (
+    VOXEL_ENERGY,
+    hlf_of,
+    mean_offdiagonal_difference,
+    summarise,
+)
 from calotune.metrics.hlf import (
     Binning,
     HighLevelFeatures,
     challenge_bins,
-    compute_hlf,
     separation_powers,
-    voxel_spectrum_values,
 )
 from calotune.showers import ShowerSet
 
-__all__ = ["plot_comparison", "plot_detector", "plot_layer_correlations"]
+__all__ = ["plot_comparison", "plot_detector", "plot_layer_correlations", "plot_summaries"]
 
 
 def _ridgeline(ax: Any, ref: np.ndarray, gen: np.ndarray, edges: list[np.ndarray],
@@ -100,10 +104,11 @@ def plot_comparison(
     def save(fig: Figure, name: str) -> None:
         FigureCanvasAgg(fig)
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=80, bbox_inches="tight")  # nothing of a label cut off
+        # constrained layout keeps every label inside; a hand-laid figure is cropped to them
+        fig.savefig(path, dpi=80, bbox_inches="tight" if fig.get_layout_engine() is None else None)
         paths.append(path)
 
-    fig = Figure(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4), layout="constrained")
     ax = fig.add_subplot()
     _draw(ax, reference.etot_einc, generated.etot_einc, bins["etot_einc"][0], False,
           r"$E_\mathrm{tot}/E_\mathrm{inc}$", (sep.get("etot_einc") or [None])[0])
@@ -121,7 +126,7 @@ def plot_comparison(
         gen, _ = generated.layer_feature(name)
         if not ids:
             continue
-        fig = Figure(figsize=(7, 1.5 + 0.28 * len(ids)))
+        fig = Figure(figsize=(7, 1.5 + 0.28 * len(ids)))  # laid out by hand (subplots_adjust)
         _ridgeline(fig.add_subplot(), ref, gen, bins[name], ids, name == "e_layer",
                    sep.get(name))
         fig.suptitle(f"{label} per layer: reference (grey) vs generated (red), S² at right",
@@ -130,7 +135,7 @@ def plot_comparison(
         save(fig, name)
 
     if reference_voxels is not None and generated_voxels is not None and "voxel_energy" in bins:
-        fig = Figure(figsize=(5, 4))
+        fig = Figure(figsize=(5, 4), layout="constrained")
         ax = fig.add_subplot()
         _draw(ax, reference_voxels, generated_voxels, bins["voxel_energy"][0], True,
               "voxel energy", (sep.get("voxel_energy") or [None])[0])
@@ -139,7 +144,7 @@ def plot_comparison(
         ax.legend(fontsize=7)
         save(fig, "voxel_energy")
 
-    fig = Figure(figsize=(9, 6))
+    fig = Figure(figsize=(9, 6), layout="constrained")
     for k, name in enumerate(("e_layer", "ec_r", "width_r", "sparsity")):
         ax = fig.add_subplot(2, 2, k + 1)
         for sample, style in ((reference, "-"), (generated, "--")):
@@ -151,7 +156,6 @@ def plot_comparison(
         if name == "e_layer":
             ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
     save(fig, "layer_profiles")
     return paths
 
@@ -163,7 +167,7 @@ def plot_layer_correlations(synthetic: np.ndarray, geant4: np.ndarray,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4))
+    fig = Figure(figsize=(12, 4), layout="constrained")
     FigureCanvasAgg(fig)
     diff = synthetic - geant4
     panels = ((synthetic, "synthetic (calotune)", "viridis", (-1, 1)),
@@ -181,7 +185,6 @@ def plot_layer_correlations(synthetic: np.ndarray, geant4: np.ndarray,
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"{title}: mean |off-diagonal difference| = "
                  f"{mean_offdiagonal_difference(synthetic, geant4):.3f}", fontsize=10)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -191,12 +194,16 @@ def plot_layer_correlations(synthetic: np.ndarray, geant4: np.ndarray,
 
 def plot_detector(binning: Binning, reference: ShowerSet, generated: ShowerSet, out_dir: Path) -> list[Path]:
     """Every scored histogram of ``generated`` against ``reference`` (the detector's ``plot``)."""
-    ref_x, gen_x = reference.cells["showers"], generated.cells["showers"]
-    ref_hlf = compute_hlf(ref_x, reference.conditions["energy"], binning)
-    gen_hlf = compute_hlf(gen_x, generated.conditions["energy"], binning)
+    return plot_summaries(binning, summarise(binning, reference, low_level=False),
+                          summarise(binning, generated, low_level=False), out_dir)
+
+
+def plot_summaries(binning: Binning, reference: Summary, generated: Summary, out_dir: Path) -> list[Path]:
+    """:func:`plot_detector` from the two samples' summaries (:func:`.evaluation.summarise`;
+    the low-level classifier inputs are not used)."""
+    ref_hlf, gen_hlf = hlf_of(reference), hlf_of(generated)
     thr = binning.threshold_mev
-    ref_vox = voxel_spectrum_values(ref_x, thr)
-    gen_vox = voxel_spectrum_values(gen_x, thr)
+    ref_vox, gen_vox = reference.pooled[VOXEL_ENERGY], generated.pooled[VOXEL_ENERGY]
     bins = challenge_bins(binning, ref_hlf, float(ref_vox.max(initial=thr)))
     separation = separation_powers(ref_hlf, gen_hlf, bins, ref_vox, gen_vox,
                                    binning.energy_ranges_mev)

@@ -22,16 +22,19 @@ events that repeat another event's hits exactly, and the mean and spread of E_to
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
 import numpy as np
 
+from calotune.detectors.base import Summary
 from calotune.detectors.cepc.geometry import CEPCGeometry, impact, metric_bins
 from calotune.metrics.separation import binning_from_reference, separation_power
 from calotune.pointclouds import PointCloudSet
 
-__all__ = ["OBJECTIVES", "PROFILES", "SCALARS", "cepc_features", "cepc_scores", "duplicate_fraction"]
+__all__ = ["OBJECTIVES", "PROFILES", "SCALARS", "cepc_features", "cepc_scores", "duplicate_fraction",
+           "duplicate_fraction_of_keys", "event_keys", "scores_from_summaries", "summarise"]
 
 EPS = 1e-16
 SCALARS = ("n_cells", "e_ratio", "centre_r", "width_r", "width_phi", "width_z")
@@ -46,6 +49,8 @@ OBJECTIVES: dict[str, str] = {
     "duplicate_fraction": "min",
 }
 _QUANTILES = (0.005, 0.995)
+#: Summary.events name of the per-event duplicate keys (:func:`event_keys`).
+KEYS = "event_key"
 
 
 def _weighted(values: np.ndarray, weights: np.ndarray, event: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,15 +105,42 @@ def cepc_features(cloud: PointCloudSet, g: CEPCGeometry) -> dict[str, np.ndarray
     }
 
 
+def event_keys(cloud: PointCloudSet, decimals: int = 3) -> np.ndarray:
+    """(N, 16) uint8: a 128-bit BLAKE2b digest of each event's hits rounded to ``decimals``.
+
+    Two events get one key exactly when their rounded hits are the same bytes (a collision
+    of the 128-bit digest has probability ~N^2 / 2^129, nil for any sample), so
+    :func:`duplicate_fraction_of_keys` counts what comparing the hits would, while a
+    streamed score keeps 16 bytes per event instead of every hit.
+    """
+    n = len(cloud)
+    out = np.empty((n, 16), np.uint8)
+    for i in range(n):
+        digest = hashlib.blake2b(np.round(cloud.event(i), decimals).tobytes(), digest_size=16).digest()
+        out[i] = np.frombuffer(digest, np.uint8)
+    return out
+
+
+def duplicate_fraction_of_keys(keys: np.ndarray) -> float:
+    """Fraction of events whose key (:func:`event_keys`) another event shares."""
+    if len(keys) < 2:
+        return 0.0
+    _, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    return float((counts[inverse.reshape(-1)] > 1).mean())
+
+
 def duplicate_fraction(cloud: PointCloudSet, decimals: int = 3) -> float:
     """Fraction of events whose hits (rounded) repeat another event's exactly: 0 for any
     physical sample, 1 for a generator that emits one shower whatever it is asked."""
-    n = len(cloud)
-    if n < 2:
-        return 0.0
-    keys = [np.round(cloud.event(i), decimals).tobytes() for i in range(n)]
-    _, inverse, counts = np.unique(np.array(keys, dtype=object), return_inverse=True, return_counts=True)
-    return float((counts[inverse] > 1).mean())
+    return duplicate_fraction_of_keys(event_keys(cloud, decimals))
+
+
+def summarise(cloud: PointCloudSet, g: CEPCGeometry, meta: dict[str, Any] | None = None) -> Summary:
+    """What :func:`scores_from_summaries` needs, event by event: :func:`cepc_features`, the
+    :func:`event_keys` (duplicates) and the hit energies pooled in event order (a copy:
+    4 bytes a hit, so a batch's hits are not kept alive by a view)."""
+    events = {**cepc_features(cloud, g), KEYS: event_keys(cloud)}
+    return Summary(len(cloud), events, {"cell_energy": np.array(cloud.hits[:, 3])}, dict(meta or {}))
 
 
 def _sep(ref: np.ndarray, gen: np.ndarray, n_bins: int, log: bool = False) -> float:
@@ -125,7 +157,14 @@ def cepc_scores(reference: PointCloudSet, generated: PointCloudSet, g: CEPCGeome
     """
     if len(reference) == 0:
         raise ValueError("cepc_scores needs a non-empty reference sample")
-    ref, gen = cepc_features(reference, g), cepc_features(generated, g)
+    return scores_from_summaries(summarise(reference, g), summarise(generated, g), n_bins=n_bins)
+
+
+def scores_from_summaries(reference: Summary, generated: Summary, *, n_bins: int = 40) -> dict[str, float]:
+    """:func:`cepc_scores` from the two samples' :func:`summarise` (the streamed path)."""
+    if len(reference) == 0:
+        raise ValueError("cepc_scores needs a non-empty reference sample")
+    ref, gen = reference.events, generated.events
     seps: dict[str, float] = {}
     for name in SCALARS:
         seps[f"sep_{name}"] = _sep(ref[name], gen[name], n_bins)
@@ -133,10 +172,10 @@ def cepc_scores(reference: PointCloudSet, generated: PointCloudSet, g: CEPCGeome
         cols = [_sep(ref[name][:, k], gen[name][:, k], n_bins, log=name == "layer_energy")
                 for k in range(ref[name].shape[1]) if np.any(ref[name][:, k] > 0)]
         seps[f"sep_{name}"] = float(np.mean(cols)) if cols else 0.0
-    ref_e, gen_e = reference.hits[:, 3], generated.hits[:, 3]
+    ref_e, gen_e = reference.pooled["cell_energy"], generated.pooled["cell_energy"]
     seps["sep_cell_energy"] = _sep(ref_e, gen_e, n_bins, log=True) if len(ref_e) else 0.0
     scores: dict[str, Any] = {"mean_separation": float(np.mean(list(seps.values()))), **seps}
-    scores["duplicate_fraction"] = duplicate_fraction(generated)
+    scores["duplicate_fraction"] = duplicate_fraction_of_keys(gen[KEYS])
     for tag, f in (("ref", ref), ("gen", gen)):
         scores[f"{tag}_e_ratio_mean"] = float(np.mean(f["e_ratio"]))
         scores[f"{tag}_e_ratio_std"] = float(np.std(f["e_ratio"]))

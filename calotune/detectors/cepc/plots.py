@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from calotune.detectors.cepc.geometry import CEPCGeometry
 from calotune.metrics.separation import binning_from_reference, histogram
 from calotune.pointclouds import PointCloudSet
 
-__all__ = ["plot_cepc"]
+__all__ = ["plot_cepc", "plot_cepc_from_features"]
 
 _LABELS = {
     "n_cells": "fired cells per event", "e_ratio": "$E_{tot}/E_{inc}$", "centre_r": "centre R [mm]",
@@ -22,13 +23,19 @@ _LABELS = {
 def plot_cepc(reference: PointCloudSet, generated: PointCloudSet, g: CEPCGeometry, out_dir: Path) -> list[Path]:
     """PNGs: the scalar features (one panel each), the mean layer profile and the mean
     lateral profile; matplotlib's object API (no pyplot state, safe in Ray workers)."""
+    return plot_cepc_from_features(cepc_features(reference, g), cepc_features(generated, g), g, out_dir)
+
+
+def plot_cepc_from_features(ref: Mapping[str, np.ndarray], gen: Mapping[str, np.ndarray], g: CEPCGeometry,
+                            out_dir: Path) -> list[Path]:
+    """:func:`plot_cepc` from the two samples' :func:`.evaluation.cepc_features` (the streamed
+    path: a summary's ``events`` hold them)."""
     from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ref, gen = cepc_features(reference, g), cepc_features(generated, g)
     written: list[Path] = []
-    fig = Figure(figsize=(12, 7))
+    fig = Figure(figsize=(12, 7), layout="constrained")
     for i, name in enumerate(SCALARS):
         ax = fig.add_subplot(2, 3, i + 1)
         edges = binning_from_reference(ref[name], 40, quantiles=(0.005, 0.995))
@@ -37,11 +44,10 @@ def plot_cepc(reference: PointCloudSet, generated: PointCloudSet, g: CEPCGeometr
             ax.stairs(counts / max(counts.sum(), 1.0), edges, label=label, color=colour)
         ax.set_xlabel(_LABELS[name])
         ax.legend(fontsize="small")
-    fig.tight_layout()
     written.append(out_dir / "cepc_scalars.png")
     fig.savefig(written[-1], dpi=90)
 
-    fig = Figure(figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax = fig.add_subplot(1, 2, 1)
     for f, label, colour in ((ref, "reference", "black"), (gen, "generated", "tab:red")):
         ax.stairs(f["layer_energy"].mean(0), np.arange(g.bins_r + 1), label=label, color=colour)
@@ -56,7 +62,6 @@ def plot_cepc(reference: PointCloudSet, generated: PointCloudSet, g: CEPCGeometr
     ax.set_xlabel("distance from the axis [cell widths]")
     ax.set_ylabel("mean energy fraction")
     ax.legend(fontsize="small")
-    fig.tight_layout()
     written.append(out_dir / "cepc_profiles.png")
     fig.savefig(written[-1], dpi=90)
     return written

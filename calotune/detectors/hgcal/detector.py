@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from calotune.detectors.base import Detector
+from calotune.detectors.base import Detector, Summary
 from calotune.detectors.hepstyle import hep_style
 from calotune.detectors.hgcal import evaluation, geometry, plots, synthesis
 from calotune.detectors.hgcal.geometry import HGCalGeometry
@@ -89,9 +89,15 @@ class HGCal(HGCalFiles, Detector):
     def default_objective(self) -> tuple[str, str]:
         return evaluation.default_objective()
 
-    def scores(self, reference: PointCloudSet, generated: PointCloudSet) -> dict[str, float]:  # type: ignore[override]
-        return evaluation.hgcal_scores(reference, generated, self.geometry)
+    def summarise(self, showers: PointCloudSet) -> Summary:  # type: ignore[override]
+        """The digitised sample's per-event features and its pooled hit energies
+        (:func:`.evaluation.features`): 4 bytes per digitised hit plus about 180 per event."""
+        return evaluation.to_summary(evaluation.features(showers, self.geometry), {"detector": self.summary_key})
 
-    def plot(self, reference: PointCloudSet, generated: PointCloudSet, out_dir: Path) -> list[Path]:  # type: ignore[override]
+    def scores_from(self, reference: Summary, generated: Summary) -> dict[str, float]:
+        return evaluation.scores_from_features(evaluation.from_summary(reference), evaluation.from_summary(generated))
+
+    def plot_from(self, reference: Summary, generated: Summary, out_dir: Path) -> list[Path]:
         with hep_style():  # mplhep's ROOT style, as every detector's plots
-            return plots.plot_hgcal(reference, generated, self.geometry, Path(out_dir))
+            ref, gen = evaluation.from_summary(reference), evaluation.from_summary(generated)
+            return plots.plot_hgcal_from_features(ref, gen, self.geometry, Path(out_dir))

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from calotune.detectors.base import Summary
 from calotune.detectors.hgcal.geometry import HGCalGeometry, locate
 from calotune.metrics.separation import binning_from_reference, separation_power
 from calotune.pointclouds import PointCloudSet, grid_voxelise
@@ -48,7 +50,10 @@ __all__ = [
     "default_objective",
     "digitise",
     "features",
+    "from_summary",
     "hgcal_scores",
+    "scores_from_features",
+    "to_summary",
 ]
 
 log = logging.getLogger("calotune.detectors.hgcal")
@@ -84,12 +89,39 @@ def digitise(cloud: PointCloudSet, g: HGCalGeometry) -> np.ndarray:
 
 @dataclass
 class Features:
-    """Per-event features of one sample (float64), and its incident energies (MeV)."""
+    """Per-event features of one sample (float64), and its incident energies (MeV).
+
+    ``hit_energy`` pools every digitised hit of the sample in event order; ``raw_hits`` is
+    each event's number of points before digitisation (int64; None in features built
+    before it existed). All are per event or in event order, so the features of a
+    sample's batches concatenate into the whole sample's (:func:`to_summary`).
+    """
 
     energy: np.ndarray
     scalars: dict[str, np.ndarray]
     layer_energy: np.ndarray
     hit_energy: np.ndarray
+    raw_hits: np.ndarray | None = None
+
+
+def to_summary(f: Features, meta: dict[str, Any] | None = None) -> Summary:
+    """The features as a :class:`~calotune.detectors.base.Summary`.
+
+    The pooled hit energies are kept as float32, half the memory: they are float32 cell
+    energies (:func:`digitise`) cast to float64, so the round trip is exact.
+    """
+    events = {"energy": f.energy, "layer_energy": f.layer_energy, **f.scalars}
+    if f.raw_hits is not None:
+        events["raw_hits"] = f.raw_hits
+    return Summary(len(f.energy), events, {"hit_energy": f.hit_energy.astype(np.float32)}, dict(meta or {}))
+
+
+def from_summary(summary: Summary) -> Features:
+    """Inverse of :func:`to_summary` (hit energies back in float64, as :func:`features` gives)."""
+    ev = summary.events
+    return Features(energy=ev["energy"], scalars={k: ev[k] for k in (*ENERGY_BINNED, *SCALAR_FEATURES)},
+                    layer_energy=ev["layer_energy"], hit_energy=summary.pooled["hit_energy"].astype(np.float64),
+                    raw_hits=ev.get("raw_hits"))
 
 
 def features(cloud: PointCloudSet, g: HGCalGeometry) -> Features:
@@ -123,6 +155,7 @@ def features(cloud: PointCloudSet, g: HGCalGeometry) -> Features:
         },
         layer_energy=layer_energy,
         hit_energy=hits[hits > 0].astype(np.float64),
+        raw_hits=cloud.counts.astype(np.int64),
     )
 
 
@@ -198,7 +231,14 @@ def hgcal_scores(reference: PointCloudSet, generated: PointCloudSet, g: HGCalGeo
     """
     if len(reference) == 0:
         raise ValueError("hgcal_scores needs a non-empty reference sample")
-    ref, gen = features(reference, g), features(generated, g)
+    return scores_from_features(features(reference, g), features(generated, g))
+
+
+def scores_from_features(ref: Features, gen: Features) -> dict[str, float]:
+    """:func:`hgcal_scores` from the two samples' :func:`features` (the streamed path;
+    ``gen.raw_hits`` gives ``gen_raw_hits_per_event_mean``)."""
+    if len(ref.energy) == 0:
+        raise ValueError("hgcal_scores needs a non-empty reference sample")
     result = compare(ref, gen)
     scores: dict[str, float] = {"mean_separation": float(np.mean(list(result.seps.values())))}
     scores.update(result.seps)
@@ -208,6 +248,7 @@ def hgcal_scores(reference: PointCloudSet, generated: PointCloudSet, g: HGCalGeo
         scores[f"{tag}_hits_per_event_mean"] = _mean(hits)
         scores[f"{tag}_hits_per_event_high"] = _mean(hits[f.energy >= top])
         scores[f"{tag}_radius_mean"] = _mean(f.scalars["radius"])
-    scores["gen_raw_hits_per_event_mean"] = float(generated.counts.mean()) if len(generated) else 0.0
+    raw = gen.raw_hits if gen.raw_hits is not None else np.zeros(0)
+    scores["gen_raw_hits_per_event_mean"] = float(raw.mean()) if len(raw) else 0.0
     return scores
 

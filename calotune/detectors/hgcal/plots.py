@@ -21,7 +21,7 @@ from calotune.detectors.hgcal.geometry import HGCalGeometry
 from calotune.metrics.separation import binning_from_reference, histogram
 from calotune.pointclouds import PointCloudSet
 
-__all__ = ["plot_hgcal"]
+__all__ = ["plot_hgcal", "plot_hgcal_from_features"]
 
 log = logging.getLogger("calotune.detectors.hgcal")
 
@@ -64,27 +64,30 @@ def plot_hgcal(reference: PointCloudSet, generated: PointCloudSet, g: HGCalGeome
     thesis's two failures), hgcal_features.png (every scalar feature's histogram) and
     hgcal_longitudinal_profile.png. Matplotlib's object-oriented Figure (no pyplot state),
     so it is safe in Ray workers and leaves a caller's backend alone."""
+    return plot_hgcal_from_features(features(reference, g), features(generated, g), g, out_dir)
+
+
+def plot_hgcal_from_features(ref: Features, gen: Features, g: HGCalGeometry, out_dir: Path) -> list[Path]:
+    """:func:`plot_hgcal` from the two samples' :func:`.evaluation.features` (the streamed path)."""
     from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ref, gen = features(reference, g), features(generated, g)
     result = compare(ref, gen)
     written: list[Path] = []
 
     def save(fig: Figure, stem: str) -> None:
         path = out_dir / f"hgcal_{stem}.png"
-        fig.tight_layout()
         fig.savefig(path, dpi=100)
         written.append(path)
 
     for name, stem in zip(ENERGY_BINNED, ("hits_vs_energy", "radius_vs_energy"), strict=True):
-        fig = Figure(figsize=(6, 4.5))
+        fig = Figure(figsize=(6, 4.5), layout="constrained")
         _vs_energy(fig.add_subplot(), ref, gen, name, result.per_energy_bin[name])
         save(fig, stem)
 
     names = (*ENERGY_BINNED, *SCALAR_FEATURES)
-    fig = Figure(figsize=(12, 7))
+    fig = Figure(figsize=(12, 7), layout="constrained")
     for i, name in enumerate(names):
         ax = fig.add_subplot(2, 3, i + 1)
         edges = binning_from_reference(ref.scalars[name], n_bins_for(len(ref.energy)), quantiles=(0.005, 0.995))
@@ -96,7 +99,7 @@ def plot_hgcal(reference: PointCloudSet, generated: PointCloudSet, g: HGCalGeome
         ax.legend(fontsize="x-small")
     save(fig, "features")
 
-    fig = Figure(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
     z = g.z_centres()
     z_edges = np.append(z - g.layer_mm / 2, z[-1] + g.layer_mm / 2)

@@ -37,6 +37,7 @@ __all__ = [
     "hcal_cell_coordinates",
     "zdc_features",
     "zdc_scores",
+    "zdc_scores_from_features",
 ]
 
 logger = logging.getLogger("calotune.metrics.zdc")
@@ -259,8 +260,22 @@ def zdc_scores(
     """
     if len(reference) == 0:
         raise ValueError("zdc_scores needs a non-empty reference sample")
-    ref = zdc_features(reference, geometry)
-    gen = zdc_features(generated, geometry)
+    return zdc_scores_from_features(zdc_features(reference, geometry), zdc_features(generated, geometry),
+                                    n_bins=n_bins)
+
+
+def zdc_scores_from_features(
+    ref: Mapping[str, np.ndarray], gen: Mapping[str, np.ndarray], *, n_bins: int = 50
+) -> dict[str, float]:
+    """:func:`zdc_scores` from the two samples' :func:`zdc_features` (which are per event, so
+    the features of a sample's batches, concatenated, score exactly as the whole sample's:
+    the streamed path of :func:`calotune.sampling.score_streamed`).
+
+    Raises:
+        ValueError: if the reference is empty (no binning can be derived from it).
+    """
+    if len(ref["hcal_energy_scale"]) == 0:
+        raise ValueError("zdc_scores needs a non-empty reference sample")
     _, _, seps = _compare(ref, gen, n_bins)
     scores: dict[str, float] = {"mean_separation": float(np.mean(list(seps.values())))}
     scores.update(seps)

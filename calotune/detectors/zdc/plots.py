@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from calotune.detectors.zdc.evaluation import (
 from calotune.metrics.separation import histogram
 from calotune.showers import ShowerSet
 
-__all__ = ["plot_zdc"]
+__all__ = ["plot_zdc", "plot_zdc_from_features"]
 
 logger = logging.getLogger("calotune.metrics.zdc")
 
@@ -73,27 +74,39 @@ def plot_zdc(
         zdc_hcal_fraction.png, zdc_ecal_energy_scale.png, zdc_total_energy_scale.png,
         zdc_longitudinal_profile.png, zdc_centre_width.png.
     """
+    return plot_zdc_from_features(zdc_features(reference, geometry), zdc_features(generated, geometry),
+                                  geometry, out_dir, n_bins=n_bins)
+
+
+def plot_zdc_from_features(
+    ref: Mapping[str, np.ndarray],
+    gen: Mapping[str, np.ndarray],
+    geometry: Any,
+    out_dir: Path,
+    *,
+    n_bins: int = 50,
+) -> list[Path]:
+    """:func:`plot_zdc` from the two samples' :func:`zdc_features` (the streamed path: the
+    features of a sample's batches, concatenated, are the whole sample's)."""
     with hep_style():
-        return _plot_zdc(reference, generated, geometry, Path(out_dir), n_bins)
+        return _plot_zdc(ref, gen, geometry, Path(out_dir), n_bins)
 
 
-def _plot_zdc(reference: ShowerSet, generated: ShowerSet, geometry: Any, out_dir: Path, n_bins: int) -> list[Path]:
+def _plot_zdc(ref: Mapping[str, np.ndarray], gen: Mapping[str, np.ndarray], geometry: Any, out_dir: Path,
+              n_bins: int) -> list[Path]:
     from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    ref = zdc_features(reference, geometry)
-    gen = zdc_features(generated, geometry)
     edges, _, seps = _compare(ref, gen, n_bins)
     written: list[Path] = []
 
     def save(fig: Figure, stem: str) -> None:
         path = out_dir / f"zdc_{stem}.png"
-        fig.tight_layout()
         fig.savefig(path, dpi=100)
         written.append(path)
 
     for name in ("hcal_energy_scale", "hcal_fraction", "ecal_energy_scale", "total_energy_scale"):
-        fig = Figure(figsize=(6, 4.5))
+        fig = Figure(figsize=(6, 4.5), layout="constrained")
         _draw_hist(fig.add_subplot(), ref[name], gen[name], edges[name], name, seps[f"sep_{name}"])
         save(fig, name)
 
@@ -101,7 +114,7 @@ def _plot_zdc(reference: ShowerSet, generated: ShowerSet, geometry: Any, out_dir
     _, z = hcal_cell_coordinates(geometry)
     pitch = z[1] - z[0] if z.size > 1 else 2.0 * z[0]
     z_edges = np.append(z - 0.5 * pitch, z[-1] + 0.5 * pitch)
-    fig = Figure(figsize=(6, 4.5))
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
     sep = seps[f"sep_{PROFILE_FEATURE}"]
     for layers, label, colour in (
@@ -116,7 +129,7 @@ def _plot_zdc(reference: ShowerSet, generated: ShowerSet, geometry: Any, out_dir
     ax.legend(fontsize="small")
     save(fig, "longitudinal_profile")
 
-    fig = Figure(figsize=(10, 8))
+    fig = Figure(figsize=(10, 8), layout="constrained")
     for i, name in enumerate(("centre_x", "width_x", "centre_z", "width_z")):
         ax = fig.add_subplot(2, 2, i + 1)
         _draw_hist(ax, ref[name], gen[name], edges[name], name, seps[f"sep_{name}"])
