@@ -2,7 +2,9 @@
 
 1. plain Optuna: an in-process loop calling the worker function (the floor);
 2. raw Ray Tune: a minimal function trainable + OptunaSearch, no checkpoints, no callbacks;
-3. calotune: the Tuner the search builds (actor reuse, checkpoints, the MLflow callback).
+3. calotune: the Tuner the search builds, under the search's Ray settings (``_init_ray``),
+   with its checkpoint policy (here one checkpoint per trial, after its last epoch) and the
+   MLflow callback (its queue flushed inside the timing).
 
 All three call the identical worker function (``calotune.tuning.worker.train``) on the
 same data with the trial context the search itself builds (``trial_context``), so the
@@ -13,7 +15,9 @@ Run::
     python benchmarks/overhead.py --trials 50 --repeats 3 --json overhead.json
 
 The JSON holds ``ratio_vs_plain`` (calotune / plain Optuna, Ray start-up excluded),
-``overhead_over_raw_ray_s`` (per trial), ``ray_init_s`` and the three wall times.
+``overhead_over_raw_ray_s`` (per trial), ``ray_init_s`` and the three wall times, and
+(``--startup-runs``) ``startup_fixed_s``: a tiny search's fixed cost besides Ray's start-up,
+with its phases under ``startup``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 from calotune.data.splits import split
 from calotune.detectors import get_detector
 from calotune.spec import SchedulerSpec, load_spec
-from calotune.tuning.orchestrate import trial_context
+from calotune.tuning.orchestrate import _init_ray, trial_context
 from calotune.tuning.worker import train
 
 log = logging.getLogger("bench")
@@ -65,8 +69,9 @@ def calotune_search(spec, ctx, splits, trials: int, concurrent: int, root: Path)
     from calotune.tuning.runner import MlflowTrialCallback, make_tuner
 
     root.mkdir(parents=True, exist_ok=True)
+    saved_env = dict(os.environ)
     t0 = time.perf_counter()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    _init_ray(None)  # the search's own Ray settings (snapshot interval, log levels, ...)
     init_s = time.perf_counter() - t0
     try:
         uri = default_tracking_uri(root)
@@ -84,6 +89,8 @@ def calotune_search(spec, ctx, splits, trials: int, concurrent: int, root: Path)
         return init_s, time.perf_counter() - t1
     finally:
         ray.shutdown()
+        os.environ.clear()  # _init_ray's settings must not leak into the raw Ray arm
+        os.environ.update(saved_env)
 
 
 def raw_ray(spec, ctx, splits, trials: int, root: Path) -> tuple[float, float]:
@@ -117,6 +124,40 @@ def raw_ray(spec, ctx, splits, trials: int, root: Path) -> tuple[float, float]:
         ray.shutdown()
 
 
+def tiny_search_startup(root: Path) -> dict[str, float]:
+    """One ``python -m calotune.search zdc_swiglu_tiny`` from a fresh home: its phases.
+
+    The search records where its fixed cost goes (``ray_init_s``, ``setup_s`` before Tune
+    starts, ``first_report_s`` from Tuner.fit to the first epoch reported, ``finish_s``
+    for scoring, plots, registration and the summary); the process's own wall time adds
+    interpreter start, imports and exit. ``fixed_s`` is everything but Ray's start-up and
+    the trials' steady state (from the first report to the end of the trials), the figure
+    issue 16 sets at 8 s.
+    """
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    home = root / "home"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "calotune.search", "zdc_swiglu_tiny", "--home", str(home),
+                           "--quiet"], capture_output=True, text=True, cwd=root, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"tiny search failed:\n{proc.stderr[-3000:]}")
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    exp = client.get_experiment_by_name("zdc_swiglu_tiny")
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("calotune.kind") == "search")
+    m = run.data.metrics
+    phases = {k: float(m[k]) for k in ("ray_init_s", "setup_s", "first_report_s", "search_wall_s", "finish_s",
+                                        "total_wall_s")}
+    phases["process_wall_s"] = wall
+    phases["outside_search_s"] = wall - phases["total_wall_s"]  # interpreter, imports, exit
+    phases["fixed_s"] = wall - phases["ray_init_s"] - (phases["search_wall_s"] - phases["first_report_s"])
+    return phases
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -127,6 +168,9 @@ def main() -> None:
     p.add_argument("--ddp-trials", type=int, default=2,
                    help="also time this many trials as 2-worker DDP TorchTrainers (0: skip)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the three ways")
+    p.add_argument("--startup-runs", type=int, default=3,
+                   help="also run the tiny search CLI this many times, interleaved with the rounds, and "
+                        "report its fixed start-up and tear-down (0: skip)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -139,6 +183,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     walls: dict[str, list[float]] = {"plain_optuna_s": [], "raw_ray_s": [], "calotune_s": [],
                                      "ray_init_s": []}
+    startups: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):  # interleaved: a load change hits all three alike
             walls["plain_optuna_s"].append(plain_optuna(spec, ctx, splits, args.trials))
@@ -148,6 +193,10 @@ def main() -> None:
             init_s, fit_s = calotune_search(spec, ctx, splits, args.trials, 1, Path(tmp) / f"c{r}")
             walls["calotune_s"].append(fit_s)
             walls["ray_init_s"].append(init_s)
+            if r < args.startup_runs:
+                startups.append(tiny_search_startup(Path(tmp) / f"s{r}"))
+        for r in range(args.repeats, args.startup_runs):
+            startups.append(tiny_search_startup(Path(tmp) / f"s{r}"))
         ddp_s = None
         if args.ddp_trials:
             ddp_spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, workers_per_trial=2))
@@ -166,6 +215,9 @@ def main() -> None:
         "plain_s_per_trial": med["plain_optuna_s"] / args.trials,
         "ddp_2_workers_s_per_trial": ddp_s,
     }
+    if startups:
+        results["startup"] = {k: _summary([run[k] for run in startups]) for k in startups[0]}
+        results["startup_fixed_s"] = results["startup"]["fixed_s"]["median"]
     log.info(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, help="override resources.max_concurrent_trials")
     p.add_argument("--sampler", help="override the space's sampler: random, tpe, cmaes, gp, qmc, nsga2, nsga3")
     p.add_argument("--scheduler", help="override the space's scheduler: none, asha, moasha (several "
-                                       "objectives), hyperband, median")
+                                       "objectives), hyperband, median, pbt (population-based training; "
+                                       "needs scheduler.mutate in the space)")
     p.add_argument("--warm-start", nargs="?", const="auto", metavar="SOURCE",
                    help="seed the search with earlier results: bare (or 'auto'): the detector's production "
                         "model (the first trial) and the finished searches of the same family in the "

@@ -168,11 +168,28 @@ class SchedulerSpec:
     data_fractions: tuple[float, ...] | None = None
     """Data size as a fidelity (asha, moasha): the fraction of the training events a trial
     trains on up to its first rung, then up to the next, ...; the last is 1. None: all."""
+    # Population-based training (calotune.tuning.pbt, Jaderberg et al. arXiv 1711.09846).
+    # Read when the search runs pbt (``type: pbt`` or ``--scheduler pbt``).
+    perturbation_interval: int = 2
+    """pbt: epochs between two exploit/explore steps of a trial."""
+    quantile_fraction: float = 0.25
+    """pbt: the bottom fraction of the population copies a trial of the top fraction."""
+    resample_probability: float = 0.25
+    """pbt: chance that explore redraws a mutated parameter from its domain."""
+    mutate: tuple[str, ...] = ()
+    """pbt: the parameters explore perturbs (ones that leave the weights' shapes alone)."""
+    synch: bool = False
+    """pbt: the whole population waits at each perturbation epoch and is ranked together
+    (Ray's synchronous PBT); False: each trial is ranked when it gets there (the paper's)."""
 
     def __repr__(self) -> str:
-        # Without data fractions, the repr of the fields every search had before they
-        # existed: it enters the space hash that a resumed search must match.
+        # Without data fractions or PBT settings, the repr of the fields every search had
+        # before they existed: it enters the space hash that a resumed search must match.
         extra = f", data_fractions={self.data_fractions!r}" if self.data_fractions else ""
+        if self.type == "pbt" or self.mutate:
+            extra += (f", perturbation_interval={self.perturbation_interval!r}, quantile_fraction="
+                      f"{self.quantile_fraction!r}, resample_probability={self.resample_probability!r}, "
+                      f"mutate={self.mutate!r}" + (", synch=True" if self.synch else ""))
         return (f"SchedulerSpec(type={self.type!r}, grace_period={self.grace_period!r}, "
                 f"reduction_factor={self.reduction_factor!r}{extra})")
 
@@ -203,6 +220,9 @@ class ResourceSpec:
     workers_per_trial: int = 1
     max_concurrent_trials: int | None = None
     """At most this many trials at once (None: as many as the cluster holds)."""
+    checkpoint_every_s: float | None = None
+    """Longest training time between two checkpoints of a trial (None: 60 s; 0: every epoch);
+    besides these, a trial checkpoints where its scheduler decides (calotune.tuning.checkpointing)."""
 
     def as_record(self) -> dict[str, Any]:
         """The set fields, for records (MLflow params, the resume check)."""
@@ -259,6 +279,10 @@ class SearchSpec:
             value = p.default if p.default is not None else model_defaults.get(p.name)
             values[p.name] = p.project(value)
         return values
+
+
+#: The ``scheduler`` keys of population-based training (:mod:`calotune.tuning.pbt`).
+PBT_KEYS = frozenset({"perturbation_interval", "quantile_fraction", "resample_probability", "mutate", "synch"})
 
 
 def _fail(where: str, key: str, message: str) -> UserError:
@@ -607,8 +631,10 @@ def check_resources(resources: dict[str, Any], where: str) -> None:
             raise _fail(where, name, f"must be a finite number, but got {_show(value)}")
         if key == "cpus_per_trial" and not value > 0:
             raise _fail(where, name, f"must be positive (> 0), but got {value}")
-        if key == "gpus_per_trial" and value < 0:
+        if key in {"gpus_per_trial", "checkpoint_every_s"} and value < 0:
             raise _fail(where, name, f"must be >= 0, but got {value}")
+        if key == "checkpoint_every_s":
+            continue
         if 0 < value < RESOURCE_PRECISION:
             raise _fail(where, name, f"must be 0 or at least {RESOURCE_PRECISION} (Ray's resolution "
                                      f"for fractional resources), but got {value}")
@@ -681,12 +707,18 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
         if value < 1:
             raise _fail(where, f"budget.{key}", f"must be >= 1, but got {value}")
     scheduler = _section(where, raw, "scheduler", {"type": str, "grace_period": int,
-                                                    "reduction_factor": int, "data_fractions": list})
+                                                    "reduction_factor": int, "data_fractions": list,
+                                                    "perturbation_interval": int,
+                                                    "quantile_fraction": (int, float),
+                                                    "resample_probability": (int, float), "mutate": list,
+                                                    "synch": bool})
     from calotune.tuning import algorithms
 
     scheduler.setdefault("type", algorithms.default_scheduler(len(objectives)))
     algorithms.check_scheduler(scheduler["type"], len(objectives), f"{where}: scheduler.type")
-    raw_sampler = raw.get("sampler", algorithms.default_sampler(len(objectives)))
+    # PBT draws its first population at random (or QMC): no model-based sampler behind it
+    default_sampler = "random" if scheduler["type"] == "pbt" else algorithms.default_sampler(len(objectives))
+    raw_sampler = raw.get("sampler", default_sampler)
     if isinstance(raw_sampler, str):
         raw_sampler = {"type": raw_sampler}
     if not isinstance(raw_sampler, dict):
@@ -694,7 +726,7 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
                                       f"{_show(raw_sampler)}")
     sampler = _section(where, {"sampler": raw_sampler}, "sampler",
                        {"type": str, "multivariate": bool, "group": bool, "n_startup_trials": int})
-    sampler.setdefault("type", algorithms.default_sampler(len(objectives)))
+    sampler.setdefault("type", default_sampler)
     if sampler["type"] != "tpe" and ({"multivariate", "group"} & set(sampler)):
         raise _fail(where, "sampler", f"multivariate and group are options of tpe, not of {sampler['type']!r}")
     if "n_startup_trials" in sampler:
@@ -708,7 +740,8 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
     if scheduler.get("grace_period", 1) < 1:
         raise _fail(where, "scheduler.grace_period", f"must be >= 1, got {scheduler['grace_period']}")
     resources = _section(where, raw, "resources", {"cpus_per_trial": (int, float), "gpus_per_trial": (int, float),
-                                                    "workers_per_trial": int, "max_concurrent_trials": int})
+                                                    "workers_per_trial": int, "max_concurrent_trials": int,
+                                                    "checkpoint_every_s": (int, float)})
     check_resources(resources, where)
 
     model_fields = config_fields(family)
@@ -743,6 +776,11 @@ def parse_spec(raw: Any, source: str, default_name: str = "search") -> SearchSpe
             scheduler["data_fractions"], scheduler["type"], scheduler.get("grace_period", SchedulerSpec.grace_period),
             scheduler.get("reduction_factor", SchedulerSpec.reduction_factor), budget.get("max_epochs", 8),
             f"{where}: scheduler.data_fractions")
+    if scheduler["type"] == "pbt" or set(scheduler) & PBT_KEYS:
+        from calotune.tuning import pbt
+
+        scheduler.update(pbt.check_settings(scheduler, tuple(params.values()), dict(fixed), len(objectives),
+                                            sampler["type"], budget.get("max_epochs", 8), where))
 
     return SearchSpec(
         name=name,

@@ -205,3 +205,33 @@ def test_score_streamed_refuses_bad_chunks(tiny_model) -> None:
     model, _, _ = load_model(model_dir)
     with pytest.raises(ValueError, match="chunk_events must be at least 1"):
         score_streamed(model, detector, reference, chunk_events=0)
+
+
+def test_a_trials_streamed_validation_scores_what_scoring_the_whole_sample_gives(tmp_path: Path) -> None:
+    """The worker's per-epoch validation (batches summarised as they are generated) reports
+    the scores of the whole generated validation sample, for the model it kept."""
+    from calotune.artifacts import load_model
+    from calotune.data.splits import split, validation_subset
+    from calotune.tuning.worker import BEST_DIR, TrialContext, train
+
+    geometry = {"ecal_nx": 4, "ecal_ny": 4, "hcal_nx": 4, "hcal_ny": 4, "hcal_nz": 6}
+    detector = get_detector("zdc", **geometry)
+    data = split(detector.synthesize(300, seed=3), seed=0)
+    ctx = TrialContext(family="zdc_swiglu", detector="zdc", geometry=geometry,
+                       objectives=(("mean_separation", "min"),), max_epochs=1, seed=5,
+                       fixed={"hidden_width": 16, "batch_size": 64}, validation_batch=7)
+    reports: list[dict] = []
+
+    def report(metrics: dict, checkpoint: Path | None) -> None:
+        assert checkpoint is not None  # the last epoch always checkpoints
+        import shutil
+
+        shutil.copytree(checkpoint / BEST_DIR, tmp_path / "best")
+        reports.append(dict(metrics))
+
+    train(ctx, {}, data, report, device=torch.device("cpu"))
+    model, _, _ = load_model(tmp_path / "best")
+    reference = validation_subset(data.validation, ctx.validation_events, ctx.seed)
+    generated, _ = generate(model, reference.conditions, batch_size=ctx.validation_batch, seed=ctx.seed + 0)
+    whole = detector.scores(reference, generated)
+    assert reports[0]["mean_separation_epoch"] == pytest.approx(whole["mean_separation"], rel=1e-9, abs=1e-12)

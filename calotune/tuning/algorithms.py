@@ -27,8 +27,14 @@ survive every rung train on all the data). A rung then costs less than a full-da
 budget, as in data-subset fidelities (Klein et al. arXiv 1605.07079), while the trials
 compared at one rung have trained on the same schedule. :func:`epoch_fractions` turns the
 list into one fraction per epoch for the worker.
-Population-based training is not offered: it rewrites the configuration of running
-trials, which Optuna's define-by-run search cannot record as its own trials.
+Population-based training (``scheduler: {type: pbt, mutate: [...]}``, Jaderberg et al.
+arXiv 1711.09846; :mod:`calotune.tuning.pbt`): a population trains at once, and every
+``perturbation_interval`` epochs a trial in the bottom quantile copies the checkpoint of
+one in the top quantile (exploit) and perturbs the parameters in ``mutate`` (explore).
+It rewrites the configuration of running trials, which Optuna's define-by-run study
+cannot record as its own trials, and Ray refuses any search algorithm beside it: its
+first population is drawn by the random or QMC sampler in the driver, and there is no
+Optuna study. One objective only.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from calotune.errors import UserError
 SAMPLERS: dict[str, bool] = {
     "random": True, "tpe": True, "cmaes": False, "gp": True, "qmc": True, "nsga2": True, "nsga3": True,
 }
-SCHEDULERS = ("none", "asha", "moasha", "hyperband", "median")
+SCHEDULERS = ("none", "asha", "moasha", "hyperband", "median", "pbt")
 #: Schedulers that compare several objectives (the others rank on one number).
 MULTI_OBJECTIVE_SCHEDULERS = ("none", "moasha")
 #: Schedulers with ASHA's rungs, on which ``data_fractions`` are defined.
@@ -82,6 +88,9 @@ def check_scheduler(name: str, n_objectives: int, where: str) -> None:
     """Refuse a scheduler the space cannot use."""
     if name not in SCHEDULERS:
         raise UserError(f"{where}: unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if n_objectives > 1 and name == "pbt":
+        raise UserError(f"{where}: scheduler 'pbt' ranks the population on one score, but the space has "
+                        f"{n_objectives} objectives; use moasha or none, or keep one objective")
     if n_objectives > 1 and name not in MULTI_OBJECTIVE_SCHEDULERS:
         raise UserError(f"{where}: scheduler {name!r} stops trials by one number, but the space has "
                         f"{n_objectives} objectives; use moasha (it ranks the trials at each rung by "
@@ -214,6 +223,8 @@ def make_scheduler(name: str, *, metric: str | list[str], mode: str | list[str],
     if name == "hyperband":
         return HyperBandScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=max_t,
                                   reduction_factor=reduction_factor)
+    if name == "pbt":  # needs the space's population and mutations: calotune.tuning.pbt.make_search
+        raise ValueError("the pbt scheduler is made by calotune.tuning.pbt.make_search, not make_scheduler")
     if name == "median":
         return MedianStoppingRule(time_attr="training_iteration", metric=metric, mode=mode,
                                   grace_period=min(grace_period, max_t), min_samples_required=3)

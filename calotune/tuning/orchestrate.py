@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,11 @@ def plan_search(args: SearchRequest) -> Plan:
     detector = get_detector(spec.detector, **spec.geometry)
     _check_phases(spec, detector, "--max-epochs" if args.max_epochs else f"{spec.source}: budget.max_epochs")
     _check_data_fractions(spec, args)
+    from calotune.tuning import pbt  # population-based training: its rules once the flags are applied
+
+    pbt.check_search(spec, detector, sampler_where="--sampler" if args.sampler else f"{spec.source}: sampler",
+                     epochs_where="--max-epochs" if args.max_epochs else f"{spec.source}: budget.max_epochs",
+                     warm_start=args.warm_start, scheduler_where="--scheduler pbt" if args.scheduler else None)
     if data_flag is not None:
         if not data_flag.is_file():
             raise UserError(f"--data {data_flag}: file does not exist")
@@ -266,6 +272,9 @@ def plan_search(args: SearchRequest) -> Plan:
 
         warm = warmstart.plan_warm_start(args.warm_start, spec, detector, uri, baseline_config(spec, parent))
     study_storage = _study_storage(args, home, uri)
+    if spec.scheduler.type == "pbt":  # no Optuna study behind a PBT population (calotune.tuning.pbt)
+        pbt.without_study(study_storage, args.study_storage)
+        study_storage = None
     return Plan(spec=spec, detector=detector, showers=showers, data_path=data_path, data_hash=data_hash,
                 uri=uri, storage=storage, home=home, name=name, seed=seed,
                 resume=args.resume is not None, record=record, address=args.address, parent=parent,
@@ -377,9 +386,12 @@ def _init_ray(address: str | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # calotune checkpoints every epoch on purpose (resume loses nothing); Tune's warning
-    # about frequent experiment snapshots is expected, not actionable.
+    # Tune's warning about frequent experiment snapshots (every 2 s, below) is expected.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's default loggers write every result again as result.json, progress.csv and a
+    # TensorBoard file per trial: 45 ms per trial of the driver loop's time, for records
+    # that MLflow already holds and nothing in calotune reads.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # Snapshot Tune's experiment state every 2 s (the default is >= 10 s): a killed driver
     # then forgets at most the trials of its last 2 s. A snapshot takes milliseconds here.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
@@ -479,8 +491,11 @@ def trial_context(spec, detector, seed: int, parent=None):
     overridden by the space's fixed and sampled ones.
     """
     from calotune.tuning.algorithms import epoch_fractions
+    from calotune.tuning.checkpointing import DEFAULT_EVERY_S, decision_epochs
     from calotune.tuning.worker import TrialContext
 
+    sched = spec.scheduler
+    every_s = spec.resources.checkpoint_every_s
     return TrialContext(
         family=spec.family, detector=spec.detector, geometry=detector.geometry_dict(),
         objectives=tuple((o.metric, o.mode) for o in spec.objectives),
@@ -490,6 +505,10 @@ def trial_context(spec, detector, seed: int, parent=None):
         validation_events=spec.data.validation_events,
         data_fractions=epoch_fractions(spec.scheduler.data_fractions, spec.scheduler.grace_period,
                                        spec.scheduler.reduction_factor, spec.max_epochs),
+        checkpoint_epochs=decision_epochs(sched.type, spec.max_epochs, grace_period=sched.grace_period,
+                                          reduction_factor=sched.reduction_factor,
+                                          perturbation_interval=getattr(sched, "perturbation_interval", None)),
+        checkpoint_every_s=DEFAULT_EVERY_S if every_s is None else float(every_s),
     )
 
 
@@ -536,9 +555,14 @@ def _search(plan: Plan, t_start: float) -> int:
              "%d test events)", run_name, spec.family, spec.detector, spec.trials, spec.max_epochs,
              plan.data_path, len(splits.train), len(splits.validation), len(splits.test))
 
+    clock = {"start": t_start}  # where a search's fixed cost goes, recorded in its summary
+    threading.Thread(target=_preload, name="calotune-preload", daemon=True).start()
+    t_ray = time.perf_counter()
     _init_ray(plan.address)
+    clock["ray_init_s"] = time.perf_counter() - t_ray
     tracker = None
     callback = None
+    stopper: threading.Thread | None = None
     try:
         _check_resources(spec)
         tracker = Tracker(plan.uri, experiment, home / "artifacts")
@@ -576,7 +600,7 @@ def _search(plan: Plan, t_start: float) -> int:
         parent_ref = ray.put(plan.parent.files) if plan.parent is not None else None
         callback = MlflowTrialCallback(plan.uri, experiment, run_name, str(home / "artifacts"),
                                        spec.max_epochs, tuple(o.metric for o in spec.objectives),
-                                       tags=lineage_tags)
+                                       tags=lineage_tags, journal=_journal_path(plan))
         res = spec.resources
         total_cpu = ray.cluster_resources().get("CPU", 1)
         per_trial_cpu = res.cpus_per_trial * res.workers_per_trial
@@ -593,15 +617,20 @@ def _search(plan: Plan, t_start: float) -> int:
                 max_concurrent=max_concurrent, resources=res, restore=plan.resume, warm=plan.warm,
                 study_storage=plan.study_storage,
             )
-            t_search = time.perf_counter()
+            t_search = clock["fit_start"] = time.perf_counter()
             result_grid = tuner.fit()
             callback.flush()  # every trial's record is in the store before it is read back
             search_s = time.perf_counter() - t_search
             if lifecycle.STOP.is_set():
                 raise _Interrupted
             outcomes = _outcomes(result_grid)
-            return _finish(spec, splits, outcomes, tracker, baseline, run_name, plan, search_s,
-                           time.perf_counter() - t_start)
+            if callback.first_result_at is not None:
+                clock["first_result"] = callback.first_result_at
+            # Nothing below needs Ray: stopping the local instance (about 1.5 s, mostly
+            # waiting for its processes to exit) overlaps the scoring and the plots.
+            stopper = threading.Thread(target=ray.shutdown, name="calotune-ray-shutdown")
+            stopper.start()
+            return _finish(spec, splits, outcomes, tracker, baseline, run_name, plan, search_s, clock)
     except (_Interrupted, KeyboardInterrupt):
         _flush_quietly(callback)
         if tracker is not None and tracker.parent_run_id:
@@ -614,7 +643,36 @@ def _search(plan: Plan, t_start: float) -> int:
             tracker.end_search("KILLED")
         raise
     finally:
-        ray.shutdown()
+        if stopper is not None:
+            stopper.join()
+        else:
+            ray.shutdown()
+
+
+#: Imported while Ray starts: ray.init mostly waits for its processes, so the GIL is free.
+PRELOAD = ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+           "optuna", "ray.tune.search.optuna", "calotune.tuning.runner", "calotune.sampling",
+           "matplotlib.figure", "mplhep")
+
+
+def _preload() -> None:
+    """Import what the search needs after ``ray.init`` while ``ray.init`` waits (about 1.5 s
+    of a tiny search's fixed cost). Python's per-module import locks make this safe: a module
+    the main thread needs first is simply imported there, and waited for if half done."""
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional module (mplhep) missing; the real import says why
+            continue
+
+
+def _journal_path(plan: Plan) -> str:
+    """Where the trial records are journalled before they are queued for MLflow: beside the
+    search's lock and latest-search pointer under ``--home`` (local even when Tune's storage
+    is remote), so a ``--resume`` from the same home finds it."""
+    return str(plan.home / "searches" / f"{plan.name}.journal.jsonl")
 
 
 def _flush_quietly(callback) -> None:
@@ -649,8 +707,15 @@ def _record_interrupt(tracker, run_name: str, spec, plan: Plan) -> None:
                 "registered; continue it with: %s", run_name, by, n, resume)
 
 
-def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, search_s, total_s) -> int:
-    from calotune.sampling import score_model
+def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, search_s: float,
+            clock: dict[str, float]) -> int:
+    """Score, plot, register and summarise a finished search; its exit status.
+
+    ``clock``: perf_counter marks ``start`` and ``fit_start`` and ``ray_init_s``; the
+    summary records the fixed cost around the trials (``setup_s`` before Tune starts,
+    Ray's start-up apart, and ``finish_s`` after it) next to ``search_wall_s``.
+    """
+    from calotune.sampling import score_model_streamed
     from calotune.tracking.mlflow_tracker import user
     from calotune.tuning.lifecycle import STOP, uninterrupted
     from calotune.tuning.lineage import PARENT_TAG
@@ -686,19 +751,25 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
         _log_front(tracker, runs, front, best, names, spec.select)
     base = next((o for o in ok if is_baseline(o.config, baseline)), None)
 
-    # Held-out test split: the search never saw it, so these numbers are honest.
-    test_best, gen_best = score_model(best.checkpoint / BEST_DIR, splits.test, plan.seed)
+    # Held-out test split: the search never saw it, so these numbers are honest. Streamed:
+    # each generated batch is reduced to per-event summaries at once (the generated samples
+    # are never held), and the reference is summarised once for both models and the plots.
+    ref_summary = plan.detector.summarise(splits.test)
+    test_best, gen_best = score_model_streamed(best.checkpoint / BEST_DIR, splits.test, plan.seed,
+                                               reference_summary=ref_summary)
     generated = {best.trial_id: gen_best}
     test_base = None
     if base is not None:
-        test_base, generated[base.trial_id] = score_model(base.checkpoint / BEST_DIR, splits.test, plan.seed)
+        test_base, generated[base.trial_id] = score_model_streamed(
+            base.checkpoint / BEST_DIR, splits.test, plan.seed, reference_summary=ref_summary)
+    ref_summary = ref_summary.for_plots()  # the cell-sized score inputs are no longer needed
     for outcome, scores in ((best, test_best), (base, test_base)):
         if outcome is not None and scores is not None and outcome.trial_id in runs:
             tracker.log_metrics(runs[outcome.trial_id], {f"test_{k}": v for k, v in scores.items()})
 
     # Plots of the best and the default trial, generated vs reference on the held-out split,
-    # from the samples just scored: generating more only for plots costs as much as the
-    # scoring again, which for a diffusion family is minutes per trial.
+    # from the summaries of the samples just scored: generating more only for plots costs as
+    # much as the scoring again, which for a diffusion family is minutes per trial.
     detector = plan.detector
     with tempfile.TemporaryDirectory(prefix="calotune-plots-") as tmp:
         for outcome in (best, base):
@@ -706,14 +777,17 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
                 continue
             gen = generated[outcome.trial_id]
             out = Path(tmp) / outcome.trial_id
-            detector.plot(splits.test, gen, out)
+            detector.plot(ref_summary, gen, out)
             tracker.log_artifacts(runs[outcome.trial_id], out, "plots")
 
     best_run = runs.get(best.trial_id)
     if best_run is not None:
         tracker.log_artifacts(best_run, best.checkpoint / BEST_DIR, "model")
     summary = {
-        "search_wall_s": search_s, "total_wall_s": total_s, "n_trials": len(outcomes),
+        "search_wall_s": search_s, "n_trials": len(outcomes), "ray_init_s": clock["ray_init_s"],
+        "setup_s": clock["fit_start"] - clock["start"] - clock["ray_init_s"],
+        # from Tuner.fit to the first epoch reported: trial actors starting, imports, data
+        **({"first_report_s": clock["first_result"] - clock["fit_start"]} if clock.get("first_result") else {}),
         "n_failed": len(failed), f"best_validation_{metric}": float(best.metrics[metric]),
         f"best_test_{metric}": test_best[metric],
         # the search's cost in trial-epoch-events: every event each trial trained on, per epoch
@@ -759,6 +833,9 @@ def _finish(spec, splits, outcomes, tracker, baseline, run_name, plan: Plan, sea
         summary.update(_log_search_summary(tracker, spec, plan, outcomes, runs, best, base, test_best,
                                            test_base, front, model_name, version))
         tracker.set_tags(tracker.parent_run_id, {"calotune.state": "finished"})
+        now = time.perf_counter()
+        summary["finish_s"] = now - clock["fit_start"] - search_s
+        summary["total_wall_s"] = now - clock["start"]
         tracker.end_search("FINISHED", summary)
     _print_summary(spec, best, base, test_best, test_base, version, model_name, plan, summary, outcomes,
                    experiment_id=tracker.experiment_id)

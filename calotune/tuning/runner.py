@@ -10,12 +10,14 @@ function under DDP (gloo on CPU, NCCL on GPU), reporting through Ray Train and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -275,6 +277,10 @@ RAY_RESULT_KEYS = frozenset({
 })
 
 
+#: Reported after every epoch of every trial: its history says which epochs a run recorded.
+EPOCH_MARKER = "epoch_time_s"
+
+
 class MlflowTrialCallback(Callback):
     """Mirror every trial into a nested MLflow run under the search's parent run.
 
@@ -291,11 +297,26 @@ class MlflowTrialCallback(Callback):
     The objectives (a trial's score) are held back while a trial runs and written once it
     ends complete or pruned: a trial that fails at epoch 2 must not keep its epoch-1 score.
     The per-epoch curve is logged as ``<objective>_epoch``.
+
+    Each epoch is recorded once. A trial resumed from a checkpoint older than its last
+    report (checkpoints are sparse, :mod:`calotune.tuning.checkpointing`) re-runs and
+    re-reports the epochs in between, with the same numbers (the checkpoint restores the
+    random streams); the first record of an epoch is kept and the repeat only counted in
+    the tag ``calotune.epochs_rerun``.
+
+    ``journal``: a file to which every epoch's record is appended (and flushed to the OS)
+    before it is queued, so a driver killed with writes still queued loses none of them:
+    the callback Tune restores on ``--resume`` first writes the journal's records that the
+    store lacks.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, search: str, artifact_root: str,
-                 max_epochs: int, objectives: tuple[str, ...] = (), tags: dict[str, str] | None = None) -> None:
+                 max_epochs: int, objectives: tuple[str, ...] = (), tags: dict[str, str] | None = None,
+                 journal: str | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self.journal = journal
+        self._journal_file: Any = None
+        self._replay = False  # set on a callback Tune restored (__setstate__)
         self.tags = dict(tags or {})  # on every trial run (the lineage of a search on a parent)
         self.experiment = experiment
         self.search = search
@@ -306,13 +327,24 @@ class MlflowTrialCallback(Callback):
         self._nodes: dict[str, list[str]] = {}
         self._queue: queue.Queue | None = None
         self._error: BaseException | None = None
+        self.first_result_at: float | None = None  # perf_counter of this driver's first report
+        self._steps: dict[str, int] = {}  # trial -> last epoch recorded
+        self._reruns: dict[str, int] = {}  # trial -> epochs reported again after a resume
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_tracker"] = None
         state["_queue"] = None
         state["_error"] = None
+        state["_steps"] = {}  # re-read from the store after a restore (_resume)
+        state["first_result_at"] = None  # a perf_counter mark means nothing in another process
+        state["_reruns"] = {}
+        state["_journal_file"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._replay = bool(state.get("journal"))  # a restored driver: replay what a kill lost
 
     @property
     def tracker(self) -> Tracker:
@@ -329,8 +361,48 @@ class MlflowTrialCallback(Callback):
             self._error = None
             threading.Thread(target=self._drain, args=(self._queue,), name="calotune-mlflow",
                              daemon=True).start()
+            if getattr(self, "_replay", False):
+                self._replay = False
+                self._queue.put(self._replay_journal)
         assert self._queue is not None
         self._queue.put(write)
+
+    def _journal_write(self, record: dict[str, Any]) -> None:
+        """Append one record to the journal; flushed, so it survives the process (not the host)."""
+        if not getattr(self, "journal", None):
+            return
+        if getattr(self, "_journal_file", None) is None:
+            Path(self.journal).parent.mkdir(parents=True, exist_ok=True)
+            self._journal_file = open(self.journal, "a", encoding="utf-8")  # kept open: one line per epoch
+        self._journal_file.write(json.dumps(record, default=str) + "\n")
+        self._journal_file.flush()
+
+    def _replay_journal(self) -> None:
+        """Write the journal's epoch records that the store lacks (queued when a kill came)."""
+        path = Path(self.journal)
+        if not path.is_file():
+            return
+        by_trial: dict[str, list[dict[str, Any]]] = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed writer may be cut short
+                continue
+            by_trial.setdefault(record["trial"], []).append(record)
+        written = 0
+        for trial_id, records in by_trial.items():
+            run_id = self.tracker.trial_run(trial_id, records[0]["config"])
+            have = {m.step for m in self.tracker.client.get_metric_history(run_id, EPOCH_MARKER)}
+            for record in records:
+                if record["step"] not in have:
+                    self.tracker.log_metrics(run_id, record["metrics"], step=record["step"])
+                    have.add(record["step"])
+                    written += 1
+            steps = self.__dict__.setdefault("_steps", {})
+            steps[trial_id] = max(have | {steps.get(trial_id, 0)})
+        if written:
+            log.info("%d epoch record(s) queued when the previous driver stopped were written from %s",
+                     written, path)
 
     def _drain(self, writes: queue.Queue) -> None:
         while True:
@@ -364,6 +436,10 @@ class MlflowTrialCallback(Callback):
     def _resume(self, trial_id: str, config: dict[str, Any]) -> None:
         run_id = self.tracker.trial_run(trial_id, config)
         run = self.tracker.client.get_run(run_id)
+        steps = self.__dict__.setdefault("_steps", {})
+        if EPOCH_MARKER in run.data.metrics and trial_id not in steps:  # a run from before a restart
+            history = self.tracker.client.get_metric_history(run_id, EPOCH_MARKER)
+            steps[trial_id] = max((m.step for m in history), default=0)
         if run.info.status != "RUNNING" or run.data.tags.get("calotune.state") == "interrupted":
             self.tracker.client.update_run(run_id, status="RUNNING")
             self.tracker.set_tags(run_id, {"calotune.state": "running"})
@@ -372,14 +448,28 @@ class MlflowTrialCallback(Callback):
             self.tracker.set_tags(run_id, tags)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if getattr(self, "first_result_at", None) is None:  # the search's fixed cost ends here
+            self.first_result_at = time.perf_counter()
+        self._journal_write({"trial": trial.trial_id, "config": dict(trial.config),
+                             "step": int(result.get("training_iteration", 0)), "metrics": self._epoch_metrics(result)})
         self._submit(lambda t=trial.trial_id, c=dict(trial.config), r=dict(result): self._result(t, c, r))
+
+    def _epoch_metrics(self, result: dict[str, Any]) -> dict[str, float]:
+        """What an epoch's result records: numbers, not the objectives (held back to the end)."""
+        return {k: v for k, v in result.items() if k not in self.objectives and k not in RAY_RESULT_KEYS
+                and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
     def _result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         run_id = self.tracker.trial_run(trial_id, config)
         step = int(result.get("training_iteration", 0))
-        self.tracker.log_metrics(run_id, {k: v for k, v in result.items()
-                                          if k not in self.objectives and k not in RAY_RESULT_KEYS},
-                                 step=step)
+        steps = self.__dict__.setdefault("_steps", {})
+        if step <= steps.get(trial_id, 0):  # re-run after a resume from an older checkpoint
+            reruns = self.__dict__.setdefault("_reruns", {})
+            reruns[trial_id] = reruns.get(trial_id, 0) + 1
+            self.tracker.set_tags(run_id, {"calotune.epochs_rerun": str(reruns[trial_id])})
+            return
+        steps[trial_id] = step
+        self.tracker.log_metrics(run_id, self._epoch_metrics(result), step=step)
         node = result.get("node_id")
         if node and self._nodes.get(trial_id, [None])[-1] != node:
             # A retried trial may move to another node (a lost node): keep the history.
@@ -415,6 +505,42 @@ class MlflowTrialCallback(Callback):
             self.tracker.end_trial(trial_id, "interrupted")
             return
         self.tracker.end_trial(trial_id, "failed", reason=text)
+
+    # ---- population-based training (calotune.tuning.pbt) --------------------------------
+    def record_pbt(self, trial_id: str, config: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """A trial exploited another: queue the record of its PBT history (MLflow params stay
+        the initial configuration; they cannot change)."""
+        self._submit(lambda: self._pbt(trial_id, config, history))
+
+    def _pbt(self, trial_id: str, config: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        import json
+        import tempfile
+
+        from calotune.tuning.pbt import METRIC_EXPLOITS, TAG_HISTORY, history_tags
+
+        run_id = self.tracker.trial_run(trial_id, config)
+        last = history[-1]
+        with tempfile.TemporaryDirectory(prefix="calotune-pbt-") as tmp:
+            # A resumed search starts Ray's PBT bookkeeping afresh (Ray does not checkpoint a
+            # scheduler's state): the exploits recorded before the interruption are kept.
+            key = lambda e: json.dumps(e, sort_keys=True, default=str)  # noqa: E731
+            history = json.loads(json.dumps(history, default=str))
+            if self.tracker.client.get_run(run_id).data.tags.get(TAG_HISTORY):
+                earlier = json.loads(Path(self.tracker.client.download_artifacts(
+                    run_id, "pbt/history.json", tmp)).read_text())
+                seen = {key(e) for e in history}
+                history = [e for e in earlier if key(e) not in seen] + history
+            self.tracker.set_tags(run_id, history_tags(config, history))
+            self.tracker.log_metrics(run_id, {METRIC_EXPLOITS: len(history)}, step=int(last["epoch"]))
+            out = Path(tmp) / "out"
+            out.mkdir()
+            (out / "history.json").write_text(json.dumps(history, indent=1, default=str))
+            self.tracker.log_artifacts(run_id, out, "pbt")
+        # The trial continues from the copied checkpoint's epoch: its next epochs are new
+        # training, not re-runs of epochs already recorded.
+        steps = self.__dict__.setdefault("_steps", {})
+        if trial_id in steps:
+            steps[trial_id] = min(steps[trial_id], int(last["resumed_at_epoch"]))
 
 
 class ProgressState:
@@ -581,7 +707,15 @@ class ProgressCallback(Callback):
         state["_bar"] = state["_redirect"] = None
         state["_mode"] = None
         state["stream"] = None
+        state["_seeded"] = False  # a restored driver takes in the trials Tune restored
         return state
+
+    def _seed(self, trials: list) -> None:
+        """Count the trials Tune restored, once per driver: later trials arrive as events
+        (seeding on every step walked every trial on every loop of Tune's, O(steps x trials))."""
+        if not getattr(self, "_seeded", False):
+            self.state.seed(trials)
+            self._seeded = True
 
     @property
     def mode(self) -> str:
@@ -627,15 +761,15 @@ class ProgressCallback(Callback):
 
     # ---- Tune's events ------------------------------------------------------------
     def on_step_begin(self, iteration, trials, **info):
-        self.state.seed(trials)
+        self._seed(trials)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.state.seed(trials)
+        self._seed(trials)
         self.state.states.setdefault(trial.trial_id, "running")
         self._refresh()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.state.seed(trials)
+        self._seed(trials)
         value = self.state.result(trial.trial_id, dict(trial.config), result)
         if FAILED_KEY in result or PRUNED_KEY in result:
             return
@@ -751,6 +885,11 @@ def make_tuner(
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     multi = len(metrics) > 1
+    if spec.scheduler.type == "pbt":
+        return _make_pbt_tuner(spec, trainable, baseline=baseline, storage_path=storage_path, run_name=run_name,
+                               seed=seed, trials=trials, callback=callback, max_concurrent=max_concurrent,
+                               max_epochs=ctx.max_epochs, max_failures=max_failures,
+                               study_storage=study_storage)
     sampler = algorithms.make_sampler(spec.sampler.type, seed, {"multivariate": spec.sampler.multivariate,
                                                                 "group": spec.sampler.group,
                                                                 "n_startup_trials": spec.sampler.n_startup_trials})
@@ -788,6 +927,44 @@ def make_tuner(
             # two, not one: a driver killed between deleting the older checkpoint and the next
             # experiment snapshot must still find the one that snapshot names.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            verbose=0,
+        ),
+    )
+
+
+def _make_pbt_tuner(spec, trainable, *, baseline: dict[str, Any], storage_path: Path | str, run_name: str,
+                    seed: int, trials: int, callback: MlflowTrialCallback, max_concurrent: int, max_epochs: int,
+                    max_failures: int, study_storage: str | None) -> tune.Tuner:
+    """A Tuner for population-based training (:mod:`calotune.tuning.pbt`): its population
+    as fixed points of Tune's basic generator (Ray refuses a searcher beside PBT), no
+    Optuna study, every checkpoint kept (an exploit may copy any member's latest decision
+    checkpoint, which a ``num_to_keep`` of 2 could delete first)."""
+    from calotune.tuning import pbt
+
+    if study_storage is not None:
+        log.info("pbt: no Optuna study %r is kept (configurations change while trials run)", run_name)
+    metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
+    search_alg, scheduler, extra = pbt.make_search(spec, baseline=baseline, trials=trials, seed=seed,
+                                                   metric=metric, mode=mode, max_epochs=max_epochs,
+                                                   tracker_callback=callback)
+    if max_concurrent < trials:
+        # every member must exist for the ranking: Tune runs as many as the resources hold
+        # (max_concurrent_trials is not applied) and pauses a member at each perturbation
+        # epoch while others wait, so all advance in turn
+        log.info("pbt: a population of %d, about %d training at once; members take turns between "
+                 "perturbation epochs", trials, max_concurrent)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=trials,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=str(storage_path),
+            callbacks=[StopReasonCallback(scheduler), callback, *extra,
+                       ProgressCallback(metric, mode, trials, max_epochs, baseline=baseline,
+                                        concurrency=max_concurrent),
+                       InterruptCallback()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             verbose=0,
         ),

@@ -38,8 +38,9 @@ from calotune.models.base import (
     allocate_epochs,
 )
 from calotune.models.registry import build_model
-from calotune.sampling import concat_samples, generate
+from calotune.sampling import generate_batches
 from calotune.spec import TRAINER_PARAMS, TrainerConfig
+from calotune.tuning.checkpointing import DEFAULT_EVERY_S, CheckpointPolicy
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class TrialContext:
     #: Data size as a fidelity: the fraction of the training events each epoch trains on,
     #: one per epoch (``calotune.tuning.algorithms.epoch_fractions``); None: all, always.
     data_fractions: tuple[float, ...] | None = None
+    #: The epochs (1-based) after which the scheduler may act on the trial, where a
+    #: checkpoint is always written (``calotune.tuning.checkpointing``); None: every epoch.
+    checkpoint_epochs: tuple[int, ...] | None = None
+    #: Longest training time (s) between two checkpoints; 0: a checkpoint every epoch.
+    checkpoint_every_s: float = DEFAULT_EVERY_S
 
 
 # report(metrics, checkpoint_dir or None): forwards one epoch's result to Tune / Train.
@@ -293,8 +299,20 @@ def _train(
     start_epoch, best, global_step, events_total = 0, math.inf, 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
+        # This trial's optimiser settings (learning rates, betas, ...), made from its own
+        # params, before the checkpoint's overwrite them
+        fresh = optimizer_settings(optimizers)
         for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
+        if state.get("params") != params:
+            # PBT's exploit resumes a trial from another trial's checkpoint under perturbed
+            # params (calotune.tuning.pbt): load_state_dict put the old learning rates back.
+            # The moments stay; the settings are this trial's. (No family keeps a learning-
+            # rate schedule in its param_groups, so a checkpoint without params, written
+            # before they were saved, gets the same settings again.)
+            changed = reapply_optimizer_settings(optimizers, fresh)
+            if changed:
+                log.info("resuming from a checkpoint trained with other params: %s", "; ".join(changed))
         model.load_training_state(state.get("family", {}))
         start_epoch, best = int(state["epoch"]), float(state["best"])
         global_step = int(state.get("global_step", 0))
@@ -308,6 +326,9 @@ def _train(
 
     # The best model so far lives here between epochs and is copied into every checkpoint,
     # so the latest checkpoint always carries both the resumable state and the best model.
+    policy = CheckpointPolicy(ctx.checkpoint_epochs, ctx.checkpoint_every_s)
+    policy.start()
+    validation_cache: dict[str, Any] = {}  # the validation reference's summary, made once
     with tempfile.TemporaryDirectory(prefix="calotune-best-") as keep:
         best_dir = Path(keep) / BEST_DIR
         if resume_dir is not None and (resume_dir / BEST_DIR).is_dir():
@@ -340,7 +361,7 @@ def _train(
             metrics.update({f"{HEALTH_PREFIX}{k}": float(v) for k, v in health.items()})
             scores: dict[str, float] | None = None
             if phase.scoreable:
-                scores = _validate(model, detector, data, ctx, epoch, rank, world_size, device)
+                scores = _validate(model, detector, data, ctx, epoch, rank, world_size, device, validation_cache)
             rng_states = _gather(_rng_state(np_rng, device), world_size)
             with tempfile.TemporaryDirectory(prefix="calotune-ckpt-") as tmp:
                 checkpoint_dir: Path | None = None
@@ -365,6 +386,7 @@ def _train(
                         metrics[f"{metric}_epoch"] = value
                         if not multi:
                             metrics[metric] = sign * best
+                if rank == 0 and policy.due(epoch + 1):
                     checkpoint_dir = Path(tmp)
                     torch.save({"model": model.state_dict(),
                                 "preparation": model.preparation(),
@@ -372,7 +394,9 @@ def _train(
                                 "family": model.training_state(),
                                 "rng": rng_states,
                                 "epoch": epoch + 1, "global_step": global_step, "best": best,
-                                "events_total": events_total},
+                                "events_total": events_total,
+                                # the params it was trained with: a PBT exploit resumes it under others
+                                "params": dict(params)},
                                checkpoint_dir / TRAIN_STATE)
                     if best_dir.is_dir():
                         shutil.copytree(best_dir, checkpoint_dir / BEST_DIR)
@@ -447,17 +471,25 @@ FAST_SUFFIX = "_fast"
 
 
 def _validate(model: GenerativeModel, detector: Any, data: Splits, ctx: TrialContext, epoch: int,
-              rank: int, world_size: int, device: torch.device) -> dict[str, float] | None:
+              rank: int, world_size: int, device: torch.device,
+              cache: dict[str, Any] | None = None) -> dict[str, float] | None:
     """Scores of the validation sample (on rank 0; None elsewhere), generated by all ranks.
 
-    Each rank generates a contiguous slice of the validation conditions and rank 0
-    gathers them, so no rank idles while another generates. With the family's
+    Each rank generates a contiguous slice of the validation conditions in batches and
+    reduces every batch at once to the detector's per-event summary
+    (``Detector.summarise``), so no rank holds its generated showers; rank 0 gathers the
+    summaries and scores them (``Detector.scores_from``: the numbers of ``scores`` on the
+    whole sample). The reference's summary is made once per trial (``cache``): the subset
+    is the same every epoch. With the family's
     ``validation_sample_kwargs()`` (cheaper sampling), every score and gen_time_ms is
     reported under its name suffixed ``_fast``, and the objectives Tune ranks on are copied
     under their plain names too: a scheduler and a searcher know one name, and every trial
     of a search is the same family at the same cost, so they stay comparable. The test
     split after the search is always scored at full cost, under the plain names.
     """
+    from calotune.detectors.base import Summary, SummaryBuilder
+
+    cache = {} if cache is None else cache
     kwargs = model.validation_sample_kwargs()
     # the same fixed subset every epoch and trial (seeded by the search's seed)
     reference = validation_subset(data.validation, ctx.validation_events, ctx.seed)
@@ -466,17 +498,25 @@ def _validate(model: GenerativeModel, detector: Any, data: Splits, ctx: TrialCon
     conditions = reference.conditions
     n = len(conditions["energy"])
     lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
-    mine = {k: v[lo:hi] for k, v in conditions.items()}
-    shard, seconds = None, 0.0
+    summary, seconds = None, 0.0
     if hi > lo:
-        shard, ms = generate(model, mine, batch_size=ctx.validation_batch,
-                             seed=ctx.seed + epoch + 1_000_003 * rank, device=device, sample_kwargs=kwargs)
-        seconds = ms * (hi - lo) / 1e3
-    pieces = _gather((shard, seconds), world_size, to_rank0=True)
+        step = ctx.validation_batch
+        batches = ({k: v[start : min(start + step, hi)] for k, v in conditions.items()}
+                   for start in range(lo, hi, step))
+        builder = SummaryBuilder(hi - lo)
+        for showers, batch_s in generate_batches(model, batches, seed=ctx.seed + epoch + 1_000_003 * rank,
+                                                 device=device, sample_kwargs=kwargs):
+            seconds += batch_s
+            builder.add(detector.summarise(showers))
+            del showers  # one batch of generated cells at a time
+        summary = builder.result()
+    pieces = _gather((summary, seconds), world_size, to_rank0=True)
     if rank != 0:
         return None
-    generated = concat_samples([s for s, _ in pieces if s is not None])
-    scores = dict(detector.scores(reference, generated))
+    generated = Summary.concat([s for s, _ in pieces if s is not None])
+    if "reference" not in cache:
+        cache["reference"] = detector.summarise(reference)
+    scores = dict(detector.scores_from(cache["reference"], generated))
     scores["gen_time_ms"] = 1e3 * sum(s for _, s in pieces) / max(n, 1)
     if not kwargs:
         return scores
@@ -685,3 +725,33 @@ def _node_id() -> str:
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def optimizer_settings(optimizers: list[torch.optim.Optimizer]) -> list[list[dict[str, Any]]]:
+    """Every param_group's settings (every key but 'params'), optimiser by optimiser."""
+    return [[{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups] for opt in optimizers]
+
+
+def reapply_optimizer_settings(optimizers: list[torch.optim.Optimizer],
+                               settings: list[list[dict[str, Any]]]) -> list[str]:
+    """Put ``settings`` (:func:`optimizer_settings` of optimisers made from this trial's
+    params) into the loaded param_groups, keeping the loaded moments; returns what changed,
+    as "optimizer i group j key: old -> new"."""
+    changed = []
+    for i, (opt, groups) in enumerate(zip(optimizers, settings, strict=True)):
+        if len(opt.param_groups) != len(groups):
+            raise ValueError(f"optimizer {i}: the checkpoint has {len(opt.param_groups)} param group(s), "
+                             f"this model's optimiser {len(groups)}")
+        for j, (group, wanted) in enumerate(zip(opt.param_groups, groups, strict=True)):
+            for key, value in wanted.items():
+                old = group.get(key)
+                if not _same_setting(old, value):
+                    changed.append(f"optimizer {i} group {j} {key}: {old!r} -> {value!r}")
+                group[key] = value
+    return changed
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
