@@ -3,23 +3,32 @@
 Each arm is the real command line (``python -m calotune.search SPACE ...``) on one shared
 MLflow store under ``--home``; seeds are interleaved across arms (seed 0 of every arm, then
 seed 1, ..., with the arm order rotated per seed so that no arm always runs first on a
-cold cache or last on a hot machine). Arms:
+cold cache or last on a hot machine). The default space is
+``benchmarks/spaces/zdc_swiglu_ttq.yaml``: the ZDC space with ASHA as its authors run it
+(grace period 1, reduction factor 3, 9 epochs: rungs at 1, 3 and 9). Arms:
 
+- ``random``: random sampling without early stopping, ``--trials`` (8) trials of 9 epochs:
+  the reference whose final score the others must reach, and whose compute they get;
 - ``tpe+asha``: TPE (Bergstra et al. 2011) with ASHA (Li et al. arXiv 1810.05934), the
-  default of a one-objective space;
-- ``random``: random sampling without early stopping (every trial runs ``--max-epochs``):
-  the reference whose final score the others must reach;
+  default of a one-objective space, with ``--stop-trials`` (default 3x ``--trials``)
+  trials: a stopped trial costs 1 or 3 epochs, so three times the trials spend about the
+  reference's compute, as a user with a fixed compute budget would run it;
 - ``wandb``: a W&B-style random sweep, ``method: random`` with ``early_terminate: {type:
-  hyperband, min_iter, eta}`` (docs.wandb.ai/models/sweeps/sweep-config-keys), run as
-  ``--sampler random --scheduler hyperband`` (Li et al. arXiv 1603.06560). W&B's stopper
-  checks a run at the brackets ``min_iter * eta**k`` and stops it if it is not in the top
-  ``1/eta`` of the runs seen at that bracket, without pausing; Ray Tune's HyperBand pauses
-  and resumes trials in synchronous brackets instead. Both spend fewer epochs on random
-  configurations by the same successive-halving rule; the bracket bookkeeping differs;
-- ``warm``: TPE + ASHA started with ``--warm-start SOURCE``, by default the detector's
-  production model (``models:/NAME@production``). If the store has none, the benchmark
-  first runs one reference search (seed ``--warm-source-seed``, same budget, not counted
-  in any curve) and promotes its best model: the "earlier campaign" a warm start reuses.
+  hyperband, min_iter: 1, eta: 3}`` (docs.wandb.ai/models/sweeps/sweep-config-keys).
+  W&B's stopper (wandb/sweeps ``hyperband_stopping.py``) checks a run at the bands
+  ``min_iter * eta**k`` and stops it if it is not in the top ``1/eta`` of the runs seen at
+  that band, without pausing: asynchronous successive halving on random configurations,
+  so it runs as ``--sampler random --scheduler asha`` with the space's grace period
+  (``min_iter``) and reduction factor (``eta``), ``--stop-trials`` trials. (Ray Tune's
+  synchronous ``HyperBandScheduler``, which pauses and resumes trials, is the optional
+  arm ``hyperband``.);
+- ``warm``: ``tpe+asha`` started with ``--warm-start SOURCE``, by default the detector's
+  production model (``models:/NAME@production``): its configuration is the first trial
+  and the trials of the search that produced it are TPE's history. If the store has no
+  production model, the benchmark first runs "last month's campaign": one larger
+  ``tpe+asha`` search (seed ``--warm-source-seed``, ``--warm-source-trials``, default 3x
+  ``--stop-trials``), not counted in any curve, and promotes its best model. The cold
+  counterpart is the ``tpe+asha`` arm of the same seed (same budget, sampler, scheduler).
 
 For every search the benchmark reads the store back: per trial the epochs it reported
 (trial-epochs, the compute) and its per-epoch validation objective ``<metric>_epoch``, in
@@ -27,17 +36,22 @@ the order the reports reached the store. A report counts the moment it is made: 
 keeps its best epoch's model, so every reported value is a model the search could return.
 Values of failed (or orphaned) trials count as compute but never as quality. The curve is
 "best validation objective so far against cumulative trial-epochs"; the final held-out
-score is the search's ``best_test_<metric>`` (the best trial scored on the test split).
+score is the search's ``best_test_<metric>`` (the best trial scored on the test split,
+at the search's own end: an early-stopping arm may have used a little more or less
+compute than the reference, which the JSON records per seed).
 
-Output: median and range over seeds per arm; the compute each arm needs to reach the
+Output: median and range over seeds per arm; every arm's validation score at the same
+seed's reference compute (equal trial-epochs); the compute each arm needs to reach the
 median final validation score of ``random``, as a fraction of random's median total
-trial-epochs (the target is 1/3 or less), from the median curves and per seed; JSON and a
-PNG. A run that has already finished (same arm, seed and budget in ``<home>/runs.jsonl``)
-is not repeated, so an interrupted benchmark continues with the same command, and
-``--report-only`` rebuilds the JSON and plot from what is there.
+trial-epochs (the target is 1/3 or less), from the median curves and per seed; warm
+against cold per seed at equal trial-epochs and held out; the rank correlation between
+early-epoch and final validation scores of the reference's trials (what successive
+halving relies on); JSON and PNGs. A run that has already finished (same arm, seed and
+budget in ``<home>/runs.jsonl``) is not repeated, so an interrupted benchmark continues
+with the same command, and ``--report-only`` rebuilds the JSON and plots from what is there.
 
-    python benchmarks/time_to_quality.py --home /tmp/ttq/home --json /tmp/ttq/ttq.json \
-        --plot benchmarks/figures/ttq_zdc_swiglu.png
+    python benchmarks/time_to_quality.py --home /tmp/ttq/home --json benchmarks/figures/ttq_zdc_swiglu.json \
+        --plot benchmarks/figures/ttq_zdc_swiglu.png --warm-plot benchmarks/figures/warm_start_zdc.png
 """
 
 from __future__ import annotations
@@ -66,12 +80,24 @@ REPO = Path(__file__).resolve().parents[1]
 ARMS: dict[str, list[str]] = {
     "tpe+asha": ["--sampler", "tpe", "--scheduler", "asha"],
     "random": ["--sampler", "random", "--scheduler", "none"],
-    "wandb": ["--sampler", "random", "--scheduler", "hyperband"],
+    # W&B's hyperband early_terminate stops a run at min_iter * eta**k when it is below the
+    # top 1/eta of the runs seen there, without pausing: asynchronous successive halving on
+    # a random sweep, with min_iter = the space's grace_period and eta = its reduction_factor.
+    "wandb": ["--sampler", "random", "--scheduler", "asha"],
+    # Ray Tune's synchronous HyperBand (pauses and resumes trials); not in the default arms.
+    "hyperband": ["--sampler", "random", "--scheduler", "hyperband"],
     "warm": ["--sampler", "tpe", "--scheduler", "asha", "--warm-start"],
 }
+#: Arms that stop trials early: they get ``--stop-trials`` trials instead of ``--trials``.
+STOPPING_ARMS = ("tpe+asha", "wandb", "hyperband", "warm")
+DEFAULT_ARMS = "random,tpe+asha,wandb,warm"
 REFERENCE_ARM = "random"
+#: The cold counterpart of the warm arm: same sampler, scheduler, budget and seed.
+COLD_ARM = "tpe+asha"
 TARGET_FRACTION = 1 / 3
-COLORS = {"tpe+asha": "tab:blue", "random": "tab:gray", "wandb": "tab:orange", "warm": "tab:green"}
+COLORS = {"tpe+asha": "tab:blue", "random": "tab:gray", "wandb": "tab:orange", "warm": "tab:green",
+          "hyperband": "tab:purple"}
+DEFAULT_SPACE = str(Path(__file__).resolve().parent / "spaces" / "zdc_swiglu_ttq.yaml")
 
 
 # --- reading one search back from the store ---------------------------------------------------
@@ -90,6 +116,8 @@ class SearchResult:
     n_trials: int
     states: dict[str, int] = field(default_factory=dict)
     search_wall_s: float | None = None
+    #: per usable trial, its validation objective by epoch (for the rank correlations)
+    histories: list[dict[int, float]] = field(default_factory=list)
 
 
 def best_so_far_curve(reports: list[tuple[int, int, float, bool]], mode: str) -> tuple[list[tuple[int, float]], int]:
@@ -123,21 +151,26 @@ def read_search(client: Any, experiment_id: str, search: str, metric: str, mode:
                                   f"'{parent.info.run_id}'", max_results=10_000)
     reports: list[tuple[int, int, float, bool]] = []
     states: dict[str, int] = {}
+    histories: list[dict[int, float]] = []
     for run in children:
         if run.data.tags.get("calotune.kind") != "trial":
             continue
         state = run.data.tags.get("calotune.state", "unknown")
         states[state] = states.get(state, 0) + 1
         usable = state in ("complete", "pruned") and run.data.tags.get("calotune.orphaned") != "true"
-        for m in client.get_metric_history(run.info.run_id, f"{metric}_epoch"):
+        history = client.get_metric_history(run.info.run_id, f"{metric}_epoch")
+        for m in history:
             reports.append((int(m.timestamp), int(m.step), float(m.value), usable))
+        if usable:
+            histories.append({int(m.step): float(m.value) for m in history})
     curve, total = best_so_far_curve(reports, mode)
     pm = parent.data.metrics
     return SearchResult(
         search=search, total_epochs=total, curve=curve,
         final_validation=curve[-1][1] if curve else math.nan,
         final_test=pm.get(f"best_test_{metric}"), default_test=pm.get(f"default_test_{metric}"),
-        n_trials=sum(states.values()), states=states, search_wall_s=pm.get("search_wall_s"))
+        n_trials=sum(states.values()), states=states, search_wall_s=pm.get("search_wall_s"),
+        histories=histories)
 
 
 def value_at(curve: list[tuple[int, float]], x: int) -> float:
@@ -157,6 +190,58 @@ def first_reaching(curve: list[tuple[int, float]], target: float, mode: str) -> 
         if (y <= target) if mode == "min" else (y >= target):
             return x
     return None
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None below 3 pairs."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / var if var else None
+
+
+def rung_correlations(results: dict[int, SearchResult], final_epoch: int, epochs: list[int]) -> dict[str, Any]:
+    """How well an early epoch's score ranks the trials by their final score.
+
+    Uses the trials that ran all ``final_epoch`` epochs (the reference arm's all do); per
+    early epoch, Spearman's rho between the epoch's value and the final epoch's, per seed
+    and pooled over seeds (each seed's values centred on its own median first, since seeds
+    differ in data). A low rho is why successive halving stops good trials early.
+    """
+    out: dict[str, Any] = {"final_epoch": final_epoch}
+    for e in epochs:
+        per_seed, pooled_x, pooled_y = [], [], []
+        for r in results.values():
+            pairs = [(h[e], h[final_epoch]) for h in r.histories if e in h and final_epoch in h
+                     and math.isfinite(h[e]) and math.isfinite(h[final_epoch])]
+            if len(pairs) < 3:
+                continue
+            rho = spearman([a for a, _ in pairs], [b for _, b in pairs])
+            if rho is not None:
+                per_seed.append(rho)
+            mx, my = statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
+            pooled_x += [a - mx for a, _ in pairs]
+            pooled_y += [b - my for _, b in pairs]
+        out[f"epoch_{e}"] = {"per_seed": spread(per_seed), "pooled": spearman(pooled_x, pooled_y),
+                             "pooled_trials": len(pooled_x)}
+    return out
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -199,6 +284,9 @@ def aggregate(results: dict[str, dict[int, SearchResult]], mode: str,
             "trial_epochs": spread([r.total_epochs for r in by_seed.values()]),
             "search_wall_s": spread([r.search_wall_s for r in by_seed.values()]),
             "trial_states": {s: r.states for s, r in sorted(by_seed.items())},
+            # validation score after as many trial-epochs as the same seed's reference used
+            "validation_at_reference_total": {
+                str(s): value_at(r.curve, ref[s].total_epochs) for s, r in sorted(by_seed.items()) if s in ref},
         }
         if ref_final is not None and ref_total:
             median_curve = [(x, y) for x, y in zip(xs, med, strict=True) if y is not None]
@@ -219,7 +307,34 @@ def aggregate(results: dict[str, dict[int, SearchResult]], mode: str,
                 "per_seed_reached": f"{reached}/{sum(1 for s in by_seed if s in ref)}",
             }
         out["arms"][arm] = entry
+    if "warm" in results and COLD_ARM in results:
+        out["warm_vs_cold"] = warm_vs_cold(results["warm"], results[COLD_ARM], mode)
     return out
+
+
+def warm_vs_cold(warm: dict[int, SearchResult], cold: dict[int, SearchResult], mode: str) -> dict[str, Any]:
+    """Per seed, warm against cold at equal compute (the smaller of the two totals) and held out.
+
+    Positive differences mean warm is better (lower for ``min``)."""
+    sign = 1.0 if mode == "min" else -1.0
+    rows, wins_val, wins_test, n = {}, 0, 0, 0
+    for seed in sorted(set(warm) & set(cold)):
+        w, c = warm[seed], cold[seed]
+        x = min(w.total_epochs, c.total_epochs)
+        wv, cv = value_at(w.curve, x), value_at(c.curve, x)
+        dv = sign * (cv - wv) if math.isfinite(wv) and math.isfinite(cv) else None
+        dt = (sign * (c.final_test - w.final_test)
+              if w.final_test is not None and c.final_test is not None else None)
+        n += 1
+        wins_val += dv is not None and dv > 0
+        wins_test += dt is not None and dt > 0
+        rows[str(seed)] = {"equal_trial_epochs": x, "warm_validation": wv, "cold_validation": cv,
+                           "validation_gain": dv, "warm_test": w.final_test, "cold_test": c.final_test,
+                           "test_gain": dt, "warm_total": w.total_epochs, "cold_total": c.total_epochs}
+    gains_v = [r["validation_gain"] for r in rows.values() if r["validation_gain"] is not None]
+    gains_t = [r["test_gain"] for r in rows.values() if r["test_gain"] is not None]
+    return {"per_seed": rows, "warm_wins_validation": f"{wins_val}/{n}", "warm_wins_test": f"{wins_test}/{n}",
+            "validation_gain": spread(gains_v), "test_gain": spread(gains_t), "cold_arm": COLD_ARM}
 
 
 # --- running -------------------------------------------------------------------------------
@@ -232,16 +347,29 @@ def interleaved(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     return order
 
 
-def budget_flags(args: argparse.Namespace) -> list[str]:
-    flags = []
-    for flag, value in (("--trials", args.trials), ("--max-epochs", args.max_epochs), ("--events", args.events)):
+def arm_trials(args: argparse.Namespace, arm: str) -> int:
+    """Trials of one arm: ``--stop-trials`` for an arm that stops trials early, else ``--trials``.
+
+    An arm that stops most trials after 1 or 3 of 9 epochs spends about a third of the
+    epochs per trial; given three times the trials it spends about the reference's compute,
+    which is how a user with a fixed compute budget would run it."""
+    if arm == "warm-source":
+        return args.warm_source_trials
+    return args.stop_trials if arm in STOPPING_ARMS else args.trials
+
+
+def budget_flags(args: argparse.Namespace, trials: int) -> list[str]:
+    flags = ["--trials", str(trials)]
+    for flag, value in (("--max-epochs", args.max_epochs), ("--events", args.events),
+                        ("--max-concurrent", args.max_concurrent)):
         if value is not None:
             flags += [flag, str(value)]
     return flags
 
 
 def budget_key(args: argparse.Namespace) -> dict[str, Any]:
-    return {"space": args.space, "trials": args.trials, "max_epochs": args.max_epochs, "events": args.events}
+    return {"space": args.space, "trials": args.trials, "stop_trials": args.stop_trials,
+            "max_epochs": args.max_epochs, "events": args.events, "max_concurrent": args.max_concurrent}
 
 
 def search_names(client: Any, experiment: str) -> set[str]:
@@ -286,22 +414,35 @@ def has_alias(client: Any, name: str, alias: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--space", default="zdc_swiglu", help="search space (name or YAML path)")
+    p.add_argument("--space", default=DEFAULT_SPACE,
+                   help="search space (name or YAML path; default benchmarks/spaces/zdc_swiglu_ttq.yaml)")
     p.add_argument("--seeds", default="0-4", help="seeds, a list (0,1,2) or a range (0-4); default 0-4")
-    p.add_argument("--trials", type=int, default=10, help="trials per search (default 10)")
-    p.add_argument("--max-epochs", type=int, default=6, help="epochs per trial (default 6, the space's)")
+    p.add_argument("--trials", type=int, default=8,
+                   help="trials of the arms without early stopping (random; default 8)")
+    p.add_argument("--stop-trials", type=int, default=None,
+                   help=f"trials of the arms that stop early ({', '.join(STOPPING_ARMS)}); default 3x --trials")
+    p.add_argument("--max-epochs", type=int, default=9, help="epochs per trial (default 9: ASHA rungs 1, 3, 9)")
     p.add_argument("--events", type=int, default=1500,
                    help="synthetic events (default 1500: 900 train / 300 validation / 300 test)")
-    p.add_argument("--arms", default="tpe+asha,random,wandb,warm", help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--max-concurrent", type=int, default=2, help="trials at once per search (default 2)")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of {', '.join(ARMS)}; default {DEFAULT_ARMS}")
     p.add_argument("--warm-start", dest="warm_source", default=None,
                    help="source for the warm arm (default: models:/NAME@production of the space's detector)")
     p.add_argument("--warm-source-seed", type=int, default=100,
                    help="seed of the reference search promoted to production when the store has none")
+    p.add_argument("--warm-source-trials", type=int, default=None,
+                   help="trials of that earlier campaign (tpe+asha); default 3x --stop-trials")
     p.add_argument("--home", type=Path, default=Path("/tmp/ttq/home"), help="shared --home of every search")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--plot", type=Path, help="PNG of the curves (e.g. benchmarks/figures/ttq_zdc_swiglu.png)")
+    p.add_argument("--warm-plot", type=Path,
+                   help="PNG of warm against cold per seed (e.g. benchmarks/figures/warm_start_zdc.png)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report what --home holds")
     args = p.parse_args(argv)
+    if args.stop_trials is None:
+        args.stop_trials = 3 * args.trials
+    if args.warm_source_trials is None:
+        args.warm_source_trials = 3 * args.stop_trials
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -348,13 +489,16 @@ def main(argv: list[str] | None = None) -> int:
         with ledger.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    base = [py, "-m", "calotune.search", args.space, *budget_flags(args), "--home", str(home)]
+    def base(arm: str) -> list[str]:
+        return [py, "-m", "calotune.search", args.space, *budget_flags(args, arm_trials(args, arm)),
+                "--home", str(home)]
+
     if not args.report_only:
         if "warm" in arms and args.warm_source is None and not (
                 (home / "mlflow.db").exists() and has_alias(client(), model_name, "production")):
             log.info("warm arm: no %s yet; running the reference search (seed %d) and promoting it",
                      warm_source, args.warm_source_seed)
-            cmd = [*base, *ARMS["tpe+asha"], "--seed", str(args.warm_source_seed)]
+            cmd = [*base("warm-source"), *ARMS["tpe+asha"], "--seed", str(args.warm_source_seed)]
             rc, wall, name = run_search(cmd, home / "logs" / "warm-source.log", client, spec.name)
             record({"arm": "warm-source", "seed": args.warm_source_seed, "search": name, "rc": rc,
                     "wall_s": wall, "budget": key, "command": shlex.join(cmd)})
@@ -369,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s seed %d: already in %s, skipped", arm, seed, ledger)
                 continue
             flags = [*ARMS[arm], warm_source] if arm == "warm" else ARMS[arm]
-            cmd = [*base, *flags, "--seed", str(seed)]
+            cmd = [*base(arm), *flags, "--seed", str(seed)]
             load_before = os.getloadavg()
             rc, wall, name = run_search(cmd, home / "logs" / f"{arm}-s{seed}.log", client, spec.name)
             record({"arm": arm, "seed": seed, "search": name, "rc": rc, "wall_s": wall, "budget": key,
@@ -385,6 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         results[r["arm"]][r["seed"]] = read_search(client(), exp.experiment_id, r["search"], metric, mode)
     summary = aggregate(results, mode)
+    if REFERENCE_ARM in results:
+        summary["rank_correlation"] = rung_correlations(results[REFERENCE_ARM], args.max_epochs,
+                                                        [e for e in (1, 3) if e < args.max_epochs])
+    warm_source_search = None
+    source_rows = [r for r in done_runs() if r["arm"] == "warm-source"]
+    if "warm" in arms and source_rows:
+        src = read_search(client(), exp.experiment_id, source_rows[-1]["search"], metric, mode)
+        warm_source_search = {"search": src.search, "seed": source_rows[-1]["seed"], "trials": src.n_trials,
+                              "trial_epochs": src.total_epochs, "final_validation": src.final_validation,
+                              "final_test": src.final_test, "command": source_rows[-1]["command"]}
     walls: dict[str, list[float]] = {}
     loads: list[float] = []
     for r in rows:
@@ -394,11 +548,14 @@ def main(argv: list[str] | None = None) -> int:
         entry["command_wall_s"] = spread(walls.get(arm, []))
     summary.update({
         "space": args.space, "objective": {"metric": metric, "mode": mode},
-        "budget": {"trials": args.trials, "max_epochs": args.max_epochs, "events": args.events},
+        "budget": {"trials": args.trials, "stop_trials": args.stop_trials, "max_epochs": args.max_epochs,
+                   "events": args.events, "max_concurrent": args.max_concurrent,
+                   "warm_source_trials": args.warm_source_trials, "warm_source_seed": args.warm_source_seed},
         "seeds": seeds, "arms_requested": arms, "warm_source": warm_source if "warm" in arms else None,
         "load_average_1min": spread(loads), "cpus": os.cpu_count(),
         "command": shlex.join([py, "benchmarks/time_to_quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "search_command": shlex.join([*base, "ARM-FLAGS", "--seed", "S"]),
+        "search_command": {a: shlex.join([*base(a), *ARMS[a], "--seed", "S"]) for a in arms},
+        "warm_source_search": warm_source_search,
         "arm_flags": {a: ARMS[a] + ([warm_source] if a == "warm" else []) for a in arms},
         "missing": [f"{a} seed {s}" for a in arms for s in seeds if s not in results[a]],
         "notes": notes,
@@ -409,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(text)
     if args.plot:
         plot(summary, args.plot, metric, mode)
+    if args.warm_plot and "warm" in results and COLD_ARM in results:
+        plot_warm(results, summary, args.warm_plot, metric, mode)
     print(report(summary))
     return 0
 
@@ -434,6 +593,23 @@ def report(summary: dict[str, Any]) -> str:
             f" {_f(c['median']):>6} [{_f(c['min'])}-{_f(c['max'])}]"
             f" {where:>28}"
             f" {_f(ps.get('median'))} ({reach.get('per_seed_reached', '-')})")
+    for arm, e in summary["arms"].items():
+        at = [v for v in e.get("validation_at_reference_total", {}).values() if v is not None and math.isfinite(v)]
+        if at:
+            lines.append(f"{arm:10} validation at the reference's trial-epochs, median {_f(statistics.median(at))} "
+                         f"[{_f(min(at))}, {_f(max(at))}]")
+    wc = summary.get("warm_vs_cold")
+    if wc:
+        lines.append(f"warm vs {wc['cold_arm']}: warm better on validation at equal trial-epochs in "
+                     f"{wc['warm_wins_validation']} seeds (median gain {_f(wc['validation_gain']['median'])}), "
+                     f"on held-out in {wc['warm_wins_test']} (median gain {_f(wc['test_gain']['median'])})")
+    rc = summary.get("rank_correlation")
+    if rc:
+        for k, v in rc.items():
+            if k.startswith("epoch_"):
+                lines.append(f"{ref['arm']}: Spearman rho of {k} vs epoch {rc['final_epoch']} validation, "
+                             f"per seed median {_f(v['per_seed']['median'])}, pooled {_f(v['pooled'])} "
+                             f"({v['pooled_trials']} trials)")
     if summary["missing"]:
         lines.append(f"missing: {', '.join(summary['missing'])}")
     return "\n".join(lines)
@@ -465,10 +641,14 @@ def plot(summary: dict[str, Any], path: Path, metric: str, mode: str) -> None:
                    label=f"{ref['arm']} final (median)")
         ax.axvline(ref["total_trial_epochs_median"] * TARGET_FRACTION, color="k", ls=":", lw=0.8,
                    label=f"1/3 of {ref['arm']}'s compute")
+        ax.axvline(ref["total_trial_epochs_median"], color="k", ls="-.", lw=0.6,
+                   label=f"{ref['arm']}'s compute (equal-budget cut)")
     ax.set_xlabel("trial-epochs consumed")
     ax.set_ylabel(f"best validation {metric} so far ({mode})")
-    ax.set_title(f"{summary['space']}: {summary['budget']['trials']} trials x {summary['budget']['max_epochs']} "
-                 f"epochs, {summary['budget']['events']} events; band = range over seeds", fontsize=9)
+    b = summary["budget"]
+    ax.set_title(f"{Path(summary['space']).stem}: random {b['trials']} trials, early-stopping arms "
+                 f"{b['stop_trials']} trials, <= {b['max_epochs']} epochs each, {b['events']} events; "
+                 f"band = range over seeds", fontsize=8)
     ax.legend(fontsize=8)
     arms = list(summary["arms"])
     for i, arm in enumerate(arms):
@@ -480,6 +660,48 @@ def plot(summary: dict[str, Any], path: Path, metric: str, mode: str) -> None:
     bx.set_ylabel(f"held-out test {metric}, best trial")
     bx.set_title("final held-out score per seed (bar: median)", fontsize=9)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_warm(results: dict[str, dict[int, SearchResult]], summary: dict[str, Any], path: Path,
+              metric: str, mode: str) -> None:
+    """Warm against cold, one panel per seed: best validation so far against trial-epochs,
+    with the production model's validation score and the held-out scores in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted(set(results["warm"]) & set(results[COLD_ARM]))
+    if not seeds:
+        return
+    ncols = min(5, len(seeds))
+    nrows = math.ceil(len(seeds) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 0.6, 3.0 * nrows + 0.6), sharey=True,
+                             squeeze=False)
+    src = summary.get("warm_source_search") or {}
+    for ax in axes.flat[len(seeds):]:
+        ax.set_visible(False)
+    for ax, seed in zip(axes.flat, seeds, strict=False):
+        for arm, color in ((COLD_ARM, "tab:blue"), ("warm", "tab:green")):
+            r = results[arm][seed]
+            xs, ys = [x for x, _ in r.curve], [y for _, y in r.curve]
+            label = f"{'cold' if arm == COLD_ARM else 'warm'}: held-out {_f(r.final_test)}"
+            ax.step(xs, ys, where="post", color=color, label=label)
+        ax.set_title(f"seed {seed}", fontsize=9)
+        ax.set_xlabel("trial-epochs")
+        ax.legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel(f"best validation {metric}\nso far ({mode})")
+    wc = summary.get("warm_vs_cold", {})
+    fig.suptitle(f"warm start from production (source search: {src.get('trials', '?')} trials, seed "
+                 f"{src.get('seed', '?')}, held-out {_f(src.get('final_test'))}) vs cold "
+                 f"{COLD_ARM}, same seed and budget\n"
+                 f"warm better at equal trial-epochs on {wc.get('warm_wins_validation', '?')} seeds, "
+                 f"held-out on {wc.get('warm_wins_test', '?')}", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
