@@ -140,6 +140,7 @@ def tiny_search_startup(root: Path) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
     home = root / "home"
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "calotune.search", "zdc_swiglu_tiny", "--home", str(home),
                            "--quiet"], capture_output=True, text=True, cwd=root, check=False)
