@@ -556,7 +556,6 @@ def _search(plan: Plan, t_start: float) -> int:
              plan.data_path, len(splits.train), len(splits.validation), len(splits.test))
 
     clock = {"start": t_start}  # where a search's fixed cost goes, recorded in its summary
-    threading.Thread(target=_preload, name="calotune-preload", daemon=True).start()
     t_ray = time.perf_counter()
     _init_ray(plan.address)
     clock["ray_init_s"] = time.perf_counter() - t_ray
@@ -647,25 +646,6 @@ def _search(plan: Plan, t_start: float) -> int:
             stopper.join()
         else:
             ray.shutdown()
-
-
-#: Imported while Ray starts: ray.init mostly waits for its processes, so the GIL is free.
-PRELOAD = ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
-           "optuna", "ray.tune.search.optuna", "calotune.tuning.runner", "calotune.sampling",
-           "matplotlib.figure", "mplhep")
-
-
-def _preload() -> None:
-    """Import what the search needs after ``ray.init`` while ``ray.init`` waits (about 1.5 s
-    of a tiny search's fixed cost). Python's per-module import locks make this safe: a module
-    the main thread needs first is simply imported there, and waited for if half done."""
-    import importlib
-
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception:  # an optional module (mplhep) missing; the real import says why
-            continue
 
 
 def _journal_path(plan: Plan) -> str:
