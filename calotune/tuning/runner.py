@@ -513,7 +513,6 @@ class MlflowTrialCallback(Callback):
         self._submit(lambda: self._pbt(trial_id, config, history))
 
     def _pbt(self, trial_id: str, config: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        import json
         import tempfile
 
         from calotune.tuning.pbt import METRIC_EXPLOITS, TAG_HISTORY, history_tags
