@@ -507,7 +507,7 @@ def trial_context(spec, detector, seed: int, parent=None):
                                        spec.scheduler.reduction_factor, spec.max_epochs),
         checkpoint_epochs=decision_epochs(sched.type, spec.max_epochs, grace_period=sched.grace_period,
                                           reduction_factor=sched.reduction_factor,
-                                          perturbation_interval=getattr(sched, "perturbation_interval", None)),
+                                          perturbation_interval=sched.perturbation_interval),
         checkpoint_every_s=DEFAULT_EVERY_S if every_s is None else float(every_s),
     )
 
