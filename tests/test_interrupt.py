@@ -23,12 +23,12 @@ from tests.helpers import mlflow_client, run_cli, trial_runs
 SPACE = "zdc_swiglu_tiny"
 
 
-def _start(tmp: Path, log: Path, *extra: str) -> subprocess.Popen:
+def _start(tmp: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     with log.open("w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "calotune.search", SPACE, "--home", str(tmp / "home"), *extra],
             cwd=tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def _parents(home: Path) -> list:
@@ -39,9 +39,15 @@ def _parents(home: Path) -> list:
 
 
 def _interrupt(tmp: Path, sig: int, whole_group: bool) -> tuple[int, str]:
-    """Start a 4-trial search, send ``sig`` once the first epoch is reported, wait for exit."""
+    """Start a 4-trial search, send ``sig`` once the first epoch is reported, wait for exit.
+
+    Every trial that reaches epoch 2 blocks there (``CALOTUNE_FAULT`` kind "hang"), so the
+    search is still running trials when the signal arrives, however fast the machine is:
+    the outcome does not depend on a race between the signal and the search's end.
+    """
     log = tmp / f"search-{sig}.log"
-    proc = _start(tmp, log, "--trials", "4", "--max-epochs", "3", "--seed", "1")
+    proc = _start(tmp, log, "--trials", "4", "--max-epochs", "3", "--seed", "1",
+                  env={"CALOTUNE_FAULT": '{"kind": "hang", "epoch": 2}'})
     try:
         wait_for(lambda: "epoch 1/3" in log.read_text(), 300, "the first epoch", proc=proc, log=log)
         if whole_group:
@@ -212,3 +218,28 @@ def test_a_running_search_cannot_be_resumed_twice(tmp_path: Path, capsys: pytest
         holder.wait(timeout=30)
     with search_lock(home, name):  # released by the holder's exit
         pass
+
+
+_AFTER_SHUTDOWN = """
+import os, signal, threading
+import ray
+from calotune.tuning import lifecycle
+
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+with lifecycle.interruptible():
+    stopper = threading.Thread(target=lifecycle.shutdown_ray_keeping_handlers)
+    stopper.start()
+    stopper.join()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert lifecycle.STOP.wait(60), "the handler never ran"
+print("handled", lifecycle.received_signal())
+"""
+
+
+def test_a_signal_after_ray_shutdown_still_reaches_the_handler(tmp_path: Path) -> None:
+    """Ray's shutdown resets SIGTERM to the default disposition in C. The search shuts Ray
+    down on a thread while it scores and registers, so without the saved handlers a
+    ``kill`` then would end the driver with -15 and leave its record RUNNING."""
+    done = subprocess.run([sys.executable, "-c", _AFTER_SHUTDOWN], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "handled SIGTERM" in done.stdout, (done.returncode, done.stderr[-2000:])

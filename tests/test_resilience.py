@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.helpers import mlflow_client, registered_name, run_cli, trial_runs
 
 pytestmark = pytest.mark.slow
@@ -95,13 +96,16 @@ def test_sigkilled_driver_resumes_without_losing_or_duplicating(tmp_path: Path) 
     args = [sys.executable, "-m", "calotune.search", SPACE, "--home", str(home), "--trials", "5",
             "--max-epochs", "3", "--seed", "4"]
     log_path = tmp_path / "first.log"
+    # The first trial to reach epoch 2 blocks there, so the search cannot end before the
+    # kill however fast its other trials run (the resumed search runs without the fault).
+    hung = tmp_path / "hung"
+    fault = {"kind": "hang", "epoch": 2, "once_file": str(hung)}
     with log_path.open("w") as log:
         proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + 300
-        while time.time() < deadline and "[2/5 done]" not in log_path.read_text():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.5)
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                             "CALOTUNE_FAULT": json.dumps(fault)})
+        wait_for(lambda: hung.exists() and "[2/5 done]" in log_path.read_text(), 300,
+                 "a hung trial and two finished ones", proc=proc, log=log_path)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     assert "[2/5 done]" in log_path.read_text()

@@ -203,6 +203,45 @@ def interruptible() -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+def _sigaction() -> Any:
+    """libc's ``sigaction``, or None where it cannot be reached (then nothing is restored)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).sigaction
+    except (OSError, AttributeError):
+        return None
+
+
+def shutdown_ray_keeping_handlers() -> None:
+    """``ray.shutdown()`` without losing the driver's SIGINT/SIGTERM handlers.
+
+    Ray's shutdown resets the process's SIGTERM disposition to the default at the C level
+    (Python's ``signal.getsignal`` still names our handler), so a ``kill`` arriving after
+    it would end the driver with status -15 in the middle of scoring or registering,
+    leaving the search RUNNING. The dispositions are saved before and put back after, as
+    opaque ``struct sigaction`` buffers: this works from the thread the shutdown runs on,
+    where ``signal.signal`` may not be called.
+    """
+    import ctypes
+
+    import ray
+
+    sigaction = _sigaction()
+    saved: dict[int, Any] = {}
+    if sigaction is not None:
+        for s in _SIGNALS:
+            buf = ctypes.create_string_buffer(1024)  # larger than any platform's struct sigaction
+            if sigaction(int(s), None, buf) == 0:
+                saved[int(s)] = buf
+    try:
+        ray.shutdown()
+    finally:
+        for s, buf in saved.items():
+            if sigaction(s, buf, None) != 0:
+                log.debug("could not restore the handler of signal %d", s)
+
+
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back while a short record-keeping step runs.

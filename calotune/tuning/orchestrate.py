@@ -627,7 +627,8 @@ def _search(plan: Plan, t_start: float) -> int:
                 clock["first_result"] = callback.first_result_at
             # Nothing below needs Ray: stopping the local instance (about 1.5 s, mostly
             # waiting for its processes to exit) overlaps the scoring and the plots.
-            stopper = threading.Thread(target=ray.shutdown, name="calotune-ray-shutdown")
+            stopper = threading.Thread(target=lifecycle.shutdown_ray_keeping_handlers,
+                                       name="calotune-ray-shutdown")
             stopper.start()
             return _finish(spec, splits, outcomes, tracker, baseline, run_name, plan, search_s, clock)
     except (_Interrupted, KeyboardInterrupt):
@@ -645,7 +646,7 @@ def _search(plan: Plan, t_start: float) -> int:
         if stopper is not None:
             stopper.join()
         else:
-            ray.shutdown()
+            lifecycle.shutdown_ray_keeping_handlers()
 
 
 def _journal_path(plan: Plan) -> str:

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -645,7 +646,7 @@ FAULT_ENV = "CALOTUNE_FAULT"
 
 
 _FAULT_KEYS = {"kind": str, "epoch": int, "param": str, "above": (int, float), "once_file": str}
-_FAULT_KINDS = ("nan", "raise", "exit")
+_FAULT_KINDS = ("nan", "raise", "exit", "hang")
 
 
 def parse_fault(text: str | None) -> dict[str, Any] | None:
@@ -686,7 +687,9 @@ def inject_fault(model: torch.nn.Module, params: dict[str, Any], epoch: int) -> 
 
     JSON, e.g. ``{"kind": "nan", "epoch": 2, "param": "mask_loss_weight", "above": 1.0}``.
     kind "nan" poisons the weights (the real NaN path), "raise" raises, "exit" kills the
-    worker process (an infrastructure fault; with ``"once_file"`` only the first time).
+    worker process (an infrastructure fault; with ``"once_file"`` only the first time),
+    "hang" blocks the trial until it is stopped from outside (a stuck data loader or
+    collective; the interrupt tests use it to know a trial is still running at the signal).
     Unset in normal use; the resilience tests set it.
     """
     fault = parse_fault(os.environ.get(FAULT_ENV))
@@ -711,6 +714,8 @@ def inject_fault(model: torch.nn.Module, params: dict[str, Any], epoch: int) -> 
         raise RuntimeError("injected failure (CALOTUNE_FAULT)")
     elif kind == "exit":
         os._exit(17)
+    elif kind == "hang":
+        threading.Event().wait()
 
 
 def _node_id() -> str:
