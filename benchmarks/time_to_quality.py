@@ -25,9 +25,10 @@ cold cache or last on a hot machine). The default space is
 - ``warm``: ``tpe+asha`` started with ``--warm-start SOURCE``, by default the detector's
   production model (``models:/NAME@production``): its configuration is the first trial
   and the trials of the search that produced it are TPE's history. If the store has no
-  production model, the benchmark first runs "last month's campaign": one larger
-  ``tpe+asha`` search (seed ``--warm-source-seed``, ``--warm-source-trials``, default 3x
-  ``--stop-trials``), not counted in any curve, and promotes its best model. The cold
+  production model, the benchmark first runs "last month's campaign": one larger search
+  (``--warm-source-arm``, default ``tpe``: TPE with every trial run to the end; seed
+  ``--warm-source-seed``; ``--warm-source-trials``, default 3x that arm's trials), not
+  counted in any curve, and promotes its best model. The cold
   counterpart is the ``tpe+asha`` arm of the same seed (same budget, sampler, scheduler).
 
 For every search the benchmark reads the store back: per trial the epochs it reported
@@ -87,6 +88,9 @@ ARMS: dict[str, list[str]] = {
     # Ray Tune's synchronous HyperBand (pauses and resumes trials); not in the default arms.
     "hyperband": ["--sampler", "random", "--scheduler", "hyperband"],
     "warm": ["--sampler", "tpe", "--scheduler", "asha", "--warm-start"],
+    # TPE on full-length trials only: the default warm source ("last month's campaign"),
+    # not in the default arms.
+    "tpe": ["--sampler", "tpe", "--scheduler", "none"],
 }
 #: Arms that stop trials early: they get ``--stop-trials`` trials instead of ``--trials``.
 STOPPING_ARMS = ("tpe+asha", "wandb", "hyperband", "warm")
@@ -430,8 +434,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="source for the warm arm (default: models:/NAME@production of the space's detector)")
     p.add_argument("--warm-source-seed", type=int, default=100,
                    help="seed of the reference search promoted to production when the store has none")
+    p.add_argument("--warm-source-arm", default="tpe", choices=sorted(set(ARMS) - {"warm"}),
+                   help="how that earlier campaign searched (default tpe: TPE, every trial run to the "
+                        "end; tpe+asha was the first measurement's)")
     p.add_argument("--warm-source-trials", type=int, default=None,
-                   help="trials of that earlier campaign (tpe+asha); default 3x --stop-trials")
+                   help="trials of that earlier campaign; default 3x the arm's own trials "
+                        "(3x --trials for tpe, 3x --stop-trials for an early-stopping arm)")
     p.add_argument("--home", type=Path, default=Path("/tmp/ttq/home"), help="shared --home of every search")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--plot", type=Path, help="PNG of the curves (e.g. benchmarks/figures/ttq_zdc_swiglu.png)")
@@ -442,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_trials is None:
         args.stop_trials = 3 * args.trials
     if args.warm_source_trials is None:
-        args.warm_source_trials = 3 * args.stop_trials
+        args.warm_source_trials = 3 * (args.stop_trials if args.warm_source_arm in STOPPING_ARMS else args.trials)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -498,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 (home / "mlflow.db").exists() and has_alias(client(), model_name, "production")):
             log.info("warm arm: no %s yet; running the reference search (seed %d) and promoting it",
                      warm_source, args.warm_source_seed)
-            cmd = [*base("warm-source"), *ARMS["tpe+asha"], "--seed", str(args.warm_source_seed)]
+            cmd = [*base("warm-source"), *ARMS[args.warm_source_arm], "--seed", str(args.warm_source_seed)]
             rc, wall, name = run_search(cmd, home / "logs" / "warm-source.log", client, spec.name)
             record({"arm": "warm-source", "seed": args.warm_source_seed, "search": name, "rc": rc,
                     "wall_s": wall, "budget": key, "command": shlex.join(cmd)})
@@ -550,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         "space": args.space, "objective": {"metric": metric, "mode": mode},
         "budget": {"trials": args.trials, "stop_trials": args.stop_trials, "max_epochs": args.max_epochs,
                    "events": args.events, "max_concurrent": args.max_concurrent,
-                   "warm_source_trials": args.warm_source_trials, "warm_source_seed": args.warm_source_seed},
+                   "warm_source_trials": args.warm_source_trials, "warm_source_seed": args.warm_source_seed,
+                   "warm_source_arm": args.warm_source_arm},
         "seeds": seeds, "arms_requested": arms, "warm_source": warm_source if "warm" in arms else None,
         "load_average_1min": spread(loads), "cpus": os.cpu_count(),
         "command": shlex.join([py, "benchmarks/time_to_quality.py", *(argv if argv is not None else sys.argv[1:])]),

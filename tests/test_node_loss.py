@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,8 +24,8 @@ SPACE = "zdc_swiglu_tiny"
 
 def test_trials_on_a_lost_node_are_retried_on_the_survivor(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    # The tiny space, slowed down (more data, more epochs, no early stopping) so that the
-    # node can be killed while a trial is surely running on it.
+    # The tiny space with more data and epochs and no early stopping: every trial runs
+    # long enough to need its node.
     raw = yaml.safe_load((SPACES_DIR / f"{SPACE}.yaml").read_text())
     raw.update(scheduler={"type": "none"}, data={"events": 3000, "seed": 1})
     raw["fixed"]["hidden_width"] = 64
@@ -36,18 +37,24 @@ def test_trials_on_a_lost_node_are_retried_on_the_survivor(tmp_path: Path) -> No
         worker_id = next(n for n, role in roles.items() if role == "worker_node")
         head_id = next(n for n, role in roles.items() if role == "head_node")
         log = tmp_path / "search.log"
+        hung = tmp_path / "hung"  # written by the trial that hangs: the fault reached the node
         with log.open("w") as out:
             search = subprocess.Popen(
                 [sys.executable, "-m", "calotune.search", str(space), "--home", str(home), "--trials", "3",
                  "--max-epochs", "15", "--address", cluster.gcs_address],
-                cwd=tmp_path, env=tool_env(**cluster.env), stdout=out, stderr=subprocess.STDOUT,
+                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                # a trial on the worker node blocks at epoch 2 until the node dies, so the kill
+                # lands while it runs however fast the machine is; on the head it runs through
+                env=tool_env(**cluster.env, CALOTUNE_FAULT=json.dumps(
+                    {"kind": "hang", "epoch": 2, "node": worker_id, "once_file": str(hung)})),
                 start_new_session=True)
         try:
             def on_worker() -> bool:
                 return any(r.data.tags.get("calotune.node_id") == worker_id and r.info.status == "RUNNING"
                            for r in trial_runs(home, SPACE))
 
-            wait_for(on_worker, 300, "a trial reporting from the worker node", proc=search, log=log)
+            wait_for(lambda: hung.exists() and on_worker(), 300, "a trial hung on the worker node",
+                     proc=search, log=log)
             # Kill every process of the worker node at once: a pre-empted machine.
             node_proc = cluster.procs[1]
             kill_pids(pids_mentioning(str(cluster.root / "n1")))

@@ -409,12 +409,18 @@ def _init_ray(address: str | None) -> None:
     level = logging.ERROR if quiet else logging.INFO
     flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
+    from calotune.tuning.worker import FAULT_ENV
+
+    # A chaos test set on the driver reaches every trial, on whichever node it runs
+    # (a cluster's workers inherit their node's environment, not the driver's).
+    fault = os.environ.get(FAULT_ENV)
+    extra = {"runtime_env": {"env_vars": {FAULT_ENV: fault}}} if fault else {}
     try:
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level=level)
+            ray.init(address=address, log_to_driver=False, logging_level=level, **extra)
         else:  # "local": never join a cluster some other process happened to start here
             ray.init(address="local", include_dashboard=False, logging_level=level,
-                     log_to_driver=os.environ.get("CALOTUNE_RAY_LOGS") == "1")
+                     log_to_driver=os.environ.get("CALOTUNE_RAY_LOGS") == "1", **extra)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         if address:
             raise UserError(f"{flag} {address}: cannot connect to the Ray cluster ({exc})") from None

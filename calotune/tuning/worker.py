@@ -645,7 +645,7 @@ def _to_floats(sums: dict[str, Any]) -> dict[str, float]:
 FAULT_ENV = "CALOTUNE_FAULT"
 
 
-_FAULT_KEYS = {"kind": str, "epoch": int, "param": str, "above": (int, float), "once_file": str}
+_FAULT_KEYS = {"kind": str, "epoch": int, "param": str, "above": (int, float), "once_file": str, "node": str}
 _FAULT_KINDS = ("nan", "raise", "exit", "hang")
 
 
@@ -690,12 +690,16 @@ def inject_fault(model: torch.nn.Module, params: dict[str, Any], epoch: int) -> 
     worker process (an infrastructure fault; with ``"once_file"`` only the first time),
     "hang" blocks the trial until it is stopped from outside (a stuck data loader or
     collective; the interrupt tests use it to know a trial is still running at the signal).
-    Unset in normal use; the resilience tests set it.
+    ``"node"`` (a Ray node id) limits the fault to the trials running on that node.
+    Unset in normal use; the resilience tests set it. The search forwards it to every
+    node of a cluster (``runtime_env``).
     """
     fault = parse_fault(os.environ.get(FAULT_ENV))
     if fault is None:
         return
     if epoch != int(fault.get("epoch", 1)):
+        return
+    if "node" in fault and fault["node"] != _node_id():
         return
     if "param" in fault and not float(params.get(fault["param"], -math.inf)) > float(fault.get("above", -math.inf)):
         return
