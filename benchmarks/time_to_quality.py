@@ -376,6 +376,17 @@ def budget_key(args: argparse.Namespace) -> dict[str, Any]:
             "max_epochs": args.max_epochs, "events": args.events, "max_concurrent": args.max_concurrent}
 
 
+def same_budget(recorded: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    """Whether a ledger row was run with this budget. The space is compared by file name,
+    not path: a run from a snapshot of the tree (``/tmp/ttq-src/benchmarks/spaces/...``)
+    is reported from the working tree with the default ``--space``."""
+    if not recorded:
+        return False
+    def norm(budget: dict[str, Any]) -> dict[str, Any]:
+        return {**budget, "space": Path(str(budget.get("space", ""))).name}
+    return norm(recorded) == norm(key)
+
+
 def search_names(client: Any, experiment: str) -> set[str]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -491,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ledger.is_file():
             return []
         rows = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r.get("budget") == key and r.get("rc") == 0 and r.get("search")]
+        return [r for r in rows if same_budget(r.get("budget"), key) and r.get("rc") == 0 and r.get("search")]
 
     def record(row: dict[str, Any]) -> None:
         with ledger.open("a") as f:
@@ -509,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [*base("warm-source"), *ARMS[args.warm_source_arm], "--seed", str(args.warm_source_seed)]
             rc, wall, name = run_search(cmd, home / "logs" / "warm-source.log", client, spec.name)
             record({"arm": "warm-source", "seed": args.warm_source_seed, "search": name, "rc": rc,
-                    "wall_s": wall, "budget": key, "command": shlex.join(cmd)})
+                    "wall_s": wall, "budget": key, "command": shlex.join(cmd),
+                    "source_arm": args.warm_source_arm})
             promote = [py, "-m", "calotune.promote", model_name, "--home", str(home)]
             prc = subprocess.run(promote, cwd=REPO, capture_output=True, text=True)
             if rc != 0 or prc.returncode != 0:
@@ -545,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     if "warm" in arms and source_rows:
         src = read_search(client(), exp.experiment_id, source_rows[-1]["search"], metric, mode)
         warm_source_search = {"search": src.search, "seed": source_rows[-1]["seed"], "trials": src.n_trials,
+                              # the first measurement's ledger predates the key: its source was tpe+asha
+                              "arm": source_rows[-1].get("source_arm", "tpe+asha"),
                               "trial_epochs": src.total_epochs, "final_validation": src.final_validation,
                               "final_test": src.final_test, "command": source_rows[-1]["command"]}
     walls: dict[str, list[float]] = {}
@@ -705,7 +719,8 @@ def plot_warm(results: dict[str, dict[int, SearchResult]], summary: dict[str, An
     for row in axes:
         row[0].set_ylabel(f"best validation {metric}\nso far ({mode})")
     wc = summary.get("warm_vs_cold", {})
-    fig.suptitle(f"warm start from production (source search: {src.get('trials', '?')} trials, seed "
+    fig.suptitle(f"warm start from production (source search: {src.get('arm', '?')}, "
+                 f"{src.get('trials', '?')} trials, seed "
                  f"{src.get('seed', '?')}, held-out {_f(src.get('final_test'))}) vs cold "
                  f"{COLD_ARM}, same seed and budget\n"
                  f"warm better at equal trial-epochs on {wc.get('warm_wins_validation', '?')} seeds, "
