@@ -17,8 +17,11 @@ also take the cold search's history if the cold one finished first. For each sea
 store is read back: per trial (in start order) the final validation objective; the curve
 is the best so far against trials, and the held-out score is ``best_test_<metric>``.
 
-    python benchmarks/warm_start.py --home /tmp/warm/home --json benchmarks/figures/warm_start_zdc.json \
-        --plot benchmarks/figures/warm_start_zdc.png
+    python benchmarks/warm_start.py --home /tmp/warm/home --json /tmp/warm/warm_start.json \
+        --plot /tmp/warm/warm_start.png
+
+(``benchmarks/figures/warm_start_zdc.*`` are the multi-seed figures of
+``time_to_quality.py --arms tpe+asha,warm``, not this script's.)
 """
 
 from __future__ import annotations

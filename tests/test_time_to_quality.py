@@ -89,3 +89,14 @@ def test_aggregate_reports_validation_at_the_reference_compute() -> None:
     assert out["arms"]["tpe+asha"]["validation_at_reference_total"] == {"0": 0.5}
     reach = out["arms"]["tpe+asha"]["to_reference_final"]
     assert reach["per_seed_fraction"]["values"] == [pytest.approx(30 / 72)]
+
+
+def test_a_ledger_row_matches_its_budget_by_the_space_file_name_not_its_path() -> None:
+    """A run from a snapshot of the tree is reported from the working tree (--report-only
+    with the default --space); any other difference in the budget is another run."""
+    key = {"space": "/work/main/benchmarks/spaces/zdc_swiglu_ttq.yaml", "trials": 8, "max_epochs": 9}
+    snapshot = {**key, "space": "/tmp/ttq-src/benchmarks/spaces/zdc_swiglu_ttq.yaml"}
+    assert ttq.same_budget(snapshot, key)
+    assert not ttq.same_budget({**snapshot, "trials": 10}, key)
+    assert not ttq.same_budget({**snapshot, "space": "/tmp/other.yaml"}, key)
+    assert not ttq.same_budget(None, key)
