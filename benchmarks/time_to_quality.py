@@ -51,8 +51,10 @@ halving relies on); JSON and PNGs. A run that has already finished (same arm, se
 budget in ``<home>/runs.jsonl``) is not repeated, so an interrupted benchmark continues
 with the same command, and ``--report-only`` rebuilds the JSON and plots from what is there.
 
-    python benchmarks/time_to_quality.py --home /tmp/ttq/home --json benchmarks/figures/ttq_zdc_swiglu.json \
-        --plot benchmarks/figures/ttq_zdc_swiglu.png --warm-plot benchmarks/figures/warm_start_zdc.png
+    python benchmarks/time_to_quality.py --home /tmp/ttq/home --seeds 0-9 \
+        --json benchmarks/figures/ttq_zdc_swiglu.json --plot benchmarks/figures/ttq_zdc_swiglu.png
+    python benchmarks/time_to_quality.py --home /tmp/ttq/warm --seeds 0-9 --arms tpe+asha,warm \
+        --json benchmarks/figures/warm_start_zdc.json --warm-plot benchmarks/figures/warm_start_zdc.png
 """
 
 from __future__ import annotations
