@@ -448,4 +448,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from calotune.cli import exit_now
+
+    exit_now(main())  # without the interpreter's module teardown (calotune.cli.exit_now)

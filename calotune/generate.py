@@ -139,4 +139,6 @@ def _generate(args: argparse.Namespace, tmp: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from calotune.cli import exit_now
+
+    exit_now(main())  # without the interpreter's module teardown (calotune.cli.exit_now)

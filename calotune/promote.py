@@ -429,4 +429,6 @@ def _move(name: str, uri: str, ref, tags: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from calotune.cli import exit_now
+
+    exit_now(main())  # without the interpreter's module teardown (calotune.cli.exit_now)
