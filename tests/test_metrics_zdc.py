@@ -201,3 +201,30 @@ def test_plot_writes_pngs(tmp_path: Path) -> None:
         assert p.parent == out
         data = p.read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n", p
+
+
+def test_plot_labels_stay_inside_the_fixed_margins(tmp_path: Path, monkeypatch) -> None:
+    """The ZDC figures have fixed margins (no layout engine): every axes with its tick
+    labels, axis labels and the experiment label must still lie inside its figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from calotune.detectors import get_detector
+
+    detector = get_detector("zdc")
+    reference, generated = detector.synthesize(1000, seed=1), detector.synthesize(1000, seed=2)
+    save, checked, outside = Figure.savefig, [], []
+
+    def save_and_check(fig, *args, **kwargs):
+        save(fig, *args, **kwargs)
+        frame, renderer = fig.bbox, FigureCanvasAgg(fig).get_renderer()
+        for ax in fig.axes:
+            box = ax.get_tightbbox(renderer)
+            checked.append(ax)
+            if box.x0 < frame.x0 or box.y0 < frame.y0 or box.x1 > frame.x1 or box.y1 > frame.y1:
+                outside.append((str(args[0]), ax.get_xlabel(), tuple(box.extents), tuple(frame.extents)))
+
+    monkeypatch.setattr(Figure, "savefig", save_and_check)
+    detector.plot(detector.summarise(reference).for_plots(), detector.summarise(generated).for_plots(), tmp_path)
+    assert len(checked) == 9  # five one-axes figures and the 2x2 centre/width figure
+    assert not outside, outside

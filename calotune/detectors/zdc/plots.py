@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from calotune.detectors.hepstyle import hep_label, hep_style
+from calotune.detectors.hepstyle import fixed_margins, hep_label, hep_style
 from calotune.detectors.zdc.evaluation import (
     PROFILE_FEATURE,
     _compare,
@@ -101,12 +101,13 @@ def _plot_zdc(ref: Mapping[str, np.ndarray], gen: Mapping[str, np.ndarray], geom
     written: list[Path] = []
 
     def save(fig: Figure, stem: str) -> None:
+        fixed_margins(fig)  # not a layout engine: see fixed_margins
         path = out_dir / f"zdc_{stem}.png"
         fig.savefig(path, dpi=100)
         written.append(path)
 
     for name in ("hcal_energy_scale", "hcal_fraction", "ecal_energy_scale", "total_energy_scale"):
-        fig = Figure(figsize=(6, 4.5), layout="constrained")
+        fig = Figure(figsize=(6, 4.5))
         _draw_hist(fig.add_subplot(), ref[name], gen[name], edges[name], name, seps[f"sep_{name}"])
         save(fig, name)
 
@@ -114,7 +115,7 @@ def _plot_zdc(ref: Mapping[str, np.ndarray], gen: Mapping[str, np.ndarray], geom
     _, z = hcal_cell_coordinates(geometry)
     pitch = z[1] - z[0] if z.size > 1 else 2.0 * z[0]
     z_edges = np.append(z - 0.5 * pitch, z[-1] + 0.5 * pitch)
-    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     sep = seps[f"sep_{PROFILE_FEATURE}"]
     for layers, label, colour in (
@@ -129,7 +130,7 @@ def _plot_zdc(ref: Mapping[str, np.ndarray], gen: Mapping[str, np.ndarray], geom
     ax.legend(fontsize="small")
     save(fig, "longitudinal_profile")
 
-    fig = Figure(figsize=(10, 8), layout="constrained")
+    fig = Figure(figsize=(10, 8))
     for i, name in enumerate(("centre_x", "width_x", "centre_z", "width_z")):
         ax = fig.add_subplot(2, 2, i + 1)
         _draw_hist(ax, ref[name], gen[name], edges[name], name, seps[f"sep_{name}"])
