@@ -124,8 +124,11 @@ def raw_ray(spec, ctx, splits, trials: int, root: Path) -> tuple[float, float]:
         ray.shutdown()
 
 
-def tiny_search_startup(root: Path) -> dict[str, float]:
+def tiny_search_startup(root: Path, source: Path | None = None) -> dict[str, float]:
     """One ``python -m calotune.search zdc_swiglu_tiny`` from a fresh home: its phases.
+
+    ``source``: run another tree's calotune (``git archive`` of an older commit) instead of
+    this one, with the same interpreter and packages (``--startup-before``).
 
     The search records where its fixed cost goes (``ray_init_s``, ``setup_s`` before Tune
     starts, ``first_report_s`` from Tuner.fit to the first epoch reported, ``finish_s``
@@ -142,8 +145,9 @@ def tiny_search_startup(root: Path) -> dict[str, float]:
     home = root / "home"
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(source)} if source is not None else None
     proc = subprocess.run([sys.executable, "-m", "calotune.search", "zdc_swiglu_tiny", "--home", str(home),
-                           "--quiet"], capture_output=True, text=True, cwd=root, check=False)
+                           "--quiet"], capture_output=True, text=True, cwd=source or root, env=env, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"tiny search failed:\n{proc.stderr[-3000:]}")
@@ -172,6 +176,9 @@ def main() -> None:
     p.add_argument("--startup-runs", type=int, default=3,
                    help="also run the tiny search CLI this many times, interleaved with the rounds, and "
                         "report its fixed start-up and tear-down (0: skip)")
+    p.add_argument("--startup-before", type=Path, metavar="DIR",
+                   help="also run the tiny search CLI of this source tree (e.g. git archive of an older "
+                        "commit) as often, each run right before this tree's, and report both")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -185,6 +192,13 @@ def main() -> None:
     walls: dict[str, list[float]] = {"plain_optuna_s": [], "raw_ray_s": [], "calotune_s": [],
                                      "ray_init_s": []}
     startups: list[dict[str, float]] = []
+    before: list[dict[str, float]] = []
+
+    def startup(r: int) -> None:  # the older tree first, then this one: pairs under the same load
+        if args.startup_before is not None:
+            before.append(tiny_search_startup(Path(tmp) / f"b{r}", args.startup_before.resolve()))
+        startups.append(tiny_search_startup(Path(tmp) / f"s{r}"))
+
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):  # interleaved: a load change hits all three alike
             walls["plain_optuna_s"].append(plain_optuna(spec, ctx, splits, args.trials))
@@ -195,9 +209,9 @@ def main() -> None:
             walls["calotune_s"].append(fit_s)
             walls["ray_init_s"].append(init_s)
             if r < args.startup_runs:
-                startups.append(tiny_search_startup(Path(tmp) / f"s{r}"))
+                startup(r)
         for r in range(args.repeats, args.startup_runs):
-            startups.append(tiny_search_startup(Path(tmp) / f"s{r}"))
+            startup(r)
         ddp_s = None
         if args.ddp_trials:
             ddp_spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, workers_per_trial=2))
@@ -219,6 +233,10 @@ def main() -> None:
     if startups:
         results["startup"] = {k: _summary([run[k] for run in startups]) for k in startups[0]}
         results["startup_fixed_s"] = results["startup"]["fixed_s"]["median"]
+    if before:
+        results["startup_before"] = {k: _summary([run[k] for run in before]) for k in before[0]}
+        results["startup_fixed_before_s"] = results["startup_before"]["fixed_s"]["median"]
+        results["startup_before_source"] = str(args.startup_before)
     log.info(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
