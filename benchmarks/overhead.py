@@ -193,13 +193,13 @@ def main() -> None:
                                      "ray_init_s": []}
     startups: list[dict[str, float]] = []
     before: list[dict[str, float]] = []
-
-    def startup(r: int) -> None:  # the older tree first, then this one: pairs under the same load
-        if args.startup_before is not None:
-            before.append(tiny_search_startup(Path(tmp) / f"b{r}", args.startup_before.resolve()))
-        startups.append(tiny_search_startup(Path(tmp) / f"s{r}"))
-
     with tempfile.TemporaryDirectory() as tmp:
+
+        def startup(r: int) -> None:  # the older tree first, then this one: pairs under the same load
+            if args.startup_before is not None:
+                before.append(tiny_search_startup(Path(tmp) / f"b{r}", args.startup_before.resolve()))
+            startups.append(tiny_search_startup(Path(tmp) / f"s{r}"))
+
         for r in range(args.repeats):  # interleaved: a load change hits all three alike
             walls["plain_optuna_s"].append(plain_optuna(spec, ctx, splits, args.trials))
             init_s, fit_s = raw_ray(spec, ctx, splits, args.trials, Path(tmp) / f"r{r}")
